@@ -1,0 +1,188 @@
+"""MLX backend: unmodified mlx-lm models decoding on a SAGE-KV prompt cache.
+
+mlx-lm models call ``cache.update_and_fetch`` and then ``scaled_dot_product_attention``
+from their own module with ``cache=cache``. :class:`SageKVCache` is passed as the prompt
+cache; a wrapper around that attention function records the last query during prefill and
+sends decode steps to the compact cache. ``offset`` stays the true position after eviction
+while the physical rows shrink.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache
+
+from ..compact import CompactKV
+
+
+class MlxOps:
+    name = "mlx"
+
+    @staticmethod
+    def float32(x):
+        return x.astype(mx.float32)
+
+    @staticmethod
+    def arange(start, stop, like):
+        return mx.arange(start, stop, dtype=mx.int32)
+
+    @staticmethod
+    def concat(xs, axis):
+        return mx.concatenate(xs, axis=axis)
+
+    @staticmethod
+    def broadcast_rows(x, rows):
+        return mx.broadcast_to(x, (rows, x.shape[-1]))
+
+    @staticmethod
+    def topk_indices(x, k):
+        return mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
+
+    @staticmethod
+    def sort(x):
+        return mx.sort(x, axis=-1)
+
+    @staticmethod
+    def softmax(x):
+        return mx.softmax(x, axis=-1, precise=True)
+
+    @staticmethod
+    def astype_like(x, like):
+        return x.astype(like.dtype)
+
+    @staticmethod
+    def to_numpy(x):
+        return np.array(x)
+
+    @staticmethod
+    def nbytes(x):
+        return int(x.nbytes)
+
+
+class SageKVCache(KVCache):
+    """A KVCache during prefill; a fixed-size :class:`CompactKV` after :meth:`compress`."""
+
+    def __init__(self):
+        super().__init__()
+        self.compact = None
+        self.last_query = None
+
+    def update_and_fetch(self, keys, values):
+        if self.compact is None:
+            return super().update_and_fetch(keys, values)
+        self.compact.append(keys, values)
+        self.offset += 1
+        return self.compact.shared_k, self.compact.shared_v
+
+    def compress(self, policy):
+        keys, values = self.keys_and_values()
+        self.compact = CompactKV.from_prefill(policy, MlxOps, self.last_query, keys, values)
+        if self.compact is not None:
+            self.keys = self.values = None  # release the full cache
+        self.last_query = None
+
+    def is_trimmable(self):
+        return self.compact is None
+
+    @property
+    def nbytes(self):
+        if self.compact is not None:
+            return self.compact.nbytes
+        keys, values = self.keys_and_values()
+        return keys.nbytes + values.nbytes
+
+    def kept(self):
+        if self.compact is not None:
+            return self.compact.kept()
+        return None
+
+
+def _wrap_attention(original):
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, **kwargs):
+        if isinstance(cache, SageKVCache):
+            if cache.compact is not None:
+                return cache.compact.attend(queries, scale)
+            cache.last_query = queries[0, :, -1, :]
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
+
+    scaled_dot_product_attention.sagekv_original = original
+    return scaled_dot_product_attention
+
+
+def install_attention(model) -> None:
+    """Route the model module's attention through the SAGE-KV wrapper (idempotent)."""
+    module = sys.modules[type(model).__module__]
+    current = module.scaled_dot_product_attention
+    if not hasattr(current, "sagekv_original"):
+        module.scaled_dot_product_attention = _wrap_attention(current)
+
+
+def _rope_overrides(config: dict) -> dict:
+    """transformers 5 nests rope_theta under rope_parameters; older mlx-lm models only read rope_theta."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or config.get("rope_theta") is not None:
+        return {}
+    overrides = {"rope_theta": rope.get("rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") != "default":
+        overrides["rope_scaling"] = rope
+    return overrides
+
+
+class Runner:
+    """What the generation loop needs from a backend, for mlx-lm models."""
+
+    name = "mlx"
+
+    def __init__(self, path: str, config: dict, device=None, dtype=None):
+        from mlx_lm import load
+
+        if device is not None:
+            mx.set_default_device(mx.cpu if device == "cpu" else mx.gpu)
+        self.model, self.tokenizer = load(path, model_config=_rope_overrides(config))
+        if dtype is not None:
+            self.model.set_dtype(getattr(mx, dtype))
+        install_attention(self.model)
+        self.eos_ids = set(self.tokenizer.eos_token_ids or [])
+
+    def encode(self, text):
+        return list(self.tokenizer.encode(text))
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids)
+
+    def new_cache(self):
+        return [SageKVCache() for _ in self.model.layers]
+
+    def prefill(self, ids, cache):
+        self.model(mx.array(ids)[None], cache=cache)
+        mx.eval([c.state for c in cache])
+
+    def forward(self, ids, cache):
+        logits = self.model(mx.array(ids)[None], cache=cache)[0, -1]
+        mx.eval(logits, [c.last_query for c in cache if c.compact is None])
+        return logits
+
+    def argmax(self, logits) -> int:
+        return int(mx.argmax(logits).item())
+
+    def logits_numpy(self, logits):
+        return np.array(logits.astype(mx.float32))
+
+    def compress(self, cache, policy):
+        if any(c.last_query is None for c in cache):
+            raise RuntimeError("attention was not routed through sagekv; is this model family supported?")
+        for c in cache:
+            c.compress(policy)
+        mx.eval([c.compact.arrays for c in cache if c.compact is not None])
+
+    def kv_bytes(self, cache) -> int:
+        return sum(c.nbytes for c in cache)
+
+    def kept(self, cache):
+        return [c.kept() for c in cache]
+
+    def sync(self):
+        mx.synchronize()

@@ -1,0 +1,197 @@
+"""PyTorch backend: unmodified transformers models decoding on a SAGE-KV cache.
+
+A :class:`SageCache` (a transformers ``Cache`` of :class:`SageLayer`) grows like a
+``DynamicCache`` during prefill; the registered ``"sagekv"`` attention function records the
+last query of each layer and, after eviction, answers decode steps from the compact cache.
+``get_seq_length`` stays the true position, so positions continue from N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..compact import CompactKV
+
+ATTENTION = "sagekv"
+_active_cache = contextvars.ContextVar("sagekv_active_cache", default=None)
+
+
+class TorchOps:
+    name = "torch"
+
+    @staticmethod
+    def float32(x):
+        return x if x.dtype == torch.float64 else x.float()
+
+    @staticmethod
+    def arange(start, stop, like):
+        return torch.arange(start, stop, device=like.device)
+
+    @staticmethod
+    def concat(xs, axis):
+        return torch.cat(xs, dim=axis)
+
+    @staticmethod
+    def broadcast_rows(x, rows):
+        return x.expand(rows, x.shape[-1]).contiguous()
+
+    @staticmethod
+    def topk_indices(x, k):
+        return torch.topk(x, k, dim=-1, sorted=False).indices
+
+    @staticmethod
+    def sort(x):
+        return torch.sort(x, dim=-1).values
+
+    @staticmethod
+    def softmax(x):
+        return torch.softmax(x, dim=-1)
+
+    @staticmethod
+    def astype_like(x, like):
+        return x.to(like.dtype)
+
+    @staticmethod
+    def to_numpy(x):
+        return x.detach().cpu().numpy()
+
+    @staticmethod
+    def nbytes(x):
+        return x.numel() * x.element_size()
+
+
+class SageLayer(DynamicLayer):
+    """A DynamicLayer during prefill; a fixed-size :class:`CompactKV` after :meth:`compress`."""
+
+    def __init__(self):
+        super().__init__()
+        self.compact = None
+        self.last_query = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.compact is None:
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.compact.append(key_states, value_states)
+        return self.compact.shared_k, self.compact.shared_v
+
+    def get_seq_length(self) -> int:
+        if self.compact is not None:
+            return self.compact.next_position
+        return super().get_seq_length()
+
+    def compress(self, policy):
+        self.compact = CompactKV.from_prefill(policy, TorchOps, self.last_query, self.keys, self.values)
+        if self.compact is not None:
+            self.keys = self.values = None  # release the full cache
+        self.last_query = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.compact is not None:
+            return self.compact.nbytes
+        return TorchOps.nbytes(self.keys) + TorchOps.nbytes(self.values)
+
+    def kept(self):
+        return self.compact.kept() if self.compact is not None else None
+
+
+class SageCache(Cache):
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[SageLayer() for _ in range(num_layers)])
+
+    @contextlib.contextmanager
+    def active(self):
+        """Make this the cache the ``sagekv`` attention function reads from."""
+        token = _active_cache.set(self)
+        try:
+            yield self
+        finally:
+            _active_cache.reset(token)
+
+
+def sagekv_attention(module, query, key, value, attention_mask, **kwargs):
+    cache = _active_cache.get()
+    if cache is not None:
+        layer = cache.layers[module.layer_idx]
+        if layer.compact is not None:
+            scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            return layer.compact.attend(query, scale).transpose(1, 2), None
+        layer.last_query = query[0, :, -1, :]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION, sagekv_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Runner:
+    """What the generation loop needs from a backend, for transformers models."""
+
+    name = "torch"
+
+    def __init__(self, path: str, config: dict, device=None, dtype=None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype] if dtype else "auto", attn_implementation=ATTENTION
+        ).to(self.device)
+        self.model.eval()
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    def encode(self, text):
+        return list(self.tokenizer.encode(text))
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids)
+
+    def new_cache(self):
+        return SageCache(self.model.config.num_hidden_layers)
+
+    @torch.inference_mode()
+    def forward(self, ids, cache):
+        start = cache.get_seq_length()
+        input_ids = torch.tensor([ids], device=self.device)
+        positions = torch.arange(start, start + len(ids), device=self.device)[None]
+        with cache.active():
+            out = self.model(
+                input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1
+            )
+        return out.logits[0, -1]
+
+    prefill = forward
+
+    def argmax(self, logits) -> int:
+        return int(torch.argmax(logits).item())
+
+    def logits_numpy(self, logits):
+        return logits.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def compress(self, cache, policy):
+        if any(layer.last_query is None for layer in cache.layers):
+            raise RuntimeError("attention was not routed through sagekv; is this model family supported?")
+        for layer in cache.layers:
+            layer.compress(policy)
+
+    def kv_bytes(self, cache) -> int:
+        return sum(layer.nbytes for layer in cache.layers)
+
+    def kept(self, cache):
+        return [layer.kept() for layer in cache.layers]
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

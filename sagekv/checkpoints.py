@@ -1,0 +1,89 @@
+"""Small checkpoints in the real Hugging Face format, built locally (nothing is downloaded).
+
+Tests and the demo use tiny random models of each supported family; the tokenizer is
+byte-level (one token per UTF-8 byte plus <s> and </s>), so it needs no training data.
+Needs transformers, tokenizers and torch, imported only when called.
+"""
+
+from __future__ import annotations
+
+FAMILIES = {
+    # family: (config class name, extra config fields); head counts give GQA groups 4, 2, 7, 4
+    "llama": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16)),
+    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(num_attention_heads=7, num_key_value_heads=1, head_dim=16, hidden_size=112)),
+    "qwen3": ("Qwen3Config", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=32)),
+}
+BYTE_VOCAB = 256
+BOS, EOS = "<s>", "</s>"
+
+
+def byte_tokenizer():
+    """A fast byte-level tokenizer: ids 0-255 are bytes, 256 is <s> (prepended), 257 is </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    # ByteLevel maps byte b to a printable character; order the vocabulary by byte value.
+    mapping = _bytes_to_unicode()
+    vocab = {mapping[b]: b for b in range(BYTE_VOCAB)}
+    assert set(vocab) == set(byte_chars)
+    vocab[BOS], vocab[EOS] = BYTE_VOCAB, BYTE_VOCAB + 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([BOS, EOS])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, BYTE_VOCAB)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS)
+
+
+def _bytes_to_unicode() -> dict:
+    """GPT-2's reversible byte -> printable character table, which ByteLevel uses."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(BYTE_VOCAB):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(BYTE_VOCAB + extra)
+            extra += 1
+    return chars
+
+
+def tiny_config(family: str, **overrides):
+    import transformers
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r} (choose from: {', '.join(FAMILIES)})")
+    class_name, fields = FAMILIES[family]
+    settings = dict(
+        vocab_size=BYTE_VOCAB + 2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=BYTE_VOCAB,
+        eos_token_id=BYTE_VOCAB + 1,
+    )
+    settings.update(fields)
+    settings.update(overrides)
+    return getattr(transformers, class_name)(**settings)
+
+
+def make_tiny_checkpoint(path, family: str = "llama", seed: int = 0, dtype: str = "float32", **overrides) -> str:
+    """Save a random model of ``family`` with the byte tokenizer to ``path``; returns the path."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)

@@ -1,0 +1,104 @@
+"""The ``sagekv`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import SageKVError
+from .generate import DTYPES, load
+from .policies import POLICIES, Full
+
+
+def make_policy(name: str, budget):
+    if name == "full":
+        return Full()
+    if budget is None:
+        raise SageKVError(f"--budget is required with --policy {name}")
+    return POLICIES[name](budget)
+
+
+@click.group()
+@click.version_option(package_name="sagekv")
+def cli():
+    """KV-cache eviction (SAGE-KV and baselines) for long-context inference."""
+
+
+@cli.command()
+@click.option("--backend", type=click.Choice(["mlx", "torch"]), default=None, help="Default: mlx on Apple silicon, else torch.")
+@click.option("--model", "model_path", default=None, help="Local checkpoint directory or Hugging Face id.")
+@click.option("--policy", type=click.Choice(sorted(POLICIES)), default="sagekv", show_default=True)
+@click.option("--budget", type=int, default=None, help="KV entries kept per KV head (sagekv, streaming).")
+@click.option("--prompt", default=None, help="Prompt text.")
+@click.option("--prompt-file", default=None, help="Read the prompt from this file.")
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--device", default=None, help="torch device (cpu, cuda, cuda:1) or mlx device (cpu, gpu).")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Default: the checkpoint's.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, device, dtype, as_json):
+    """Generate from a prompt with a KV-cache policy and report memory and timing."""
+    if prompt is not None and prompt_file is not None:
+        raise SageKVError("give either --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise SageKVError(f"cannot read prompt file {prompt_file}: {error.strerror if isinstance(error, OSError) else error}") from None
+    if prompt is None:
+        raise SageKVError("no prompt: pass --prompt TEXT or --prompt-file PATH")
+    if not prompt.strip():
+        raise SageKVError("the prompt is empty")
+    if max_tokens < 0:
+        raise SageKVError(f"--max-tokens must be >= 0, got {max_tokens}")
+    chosen = make_policy(policy, budget)
+    model = load(model_path, backend=backend, device=device, dtype=dtype)
+    result = model.generate(prompt, policy=chosen, max_tokens=max_tokens)
+    s = result.stats
+    if as_json:
+        record = {
+            "text": result.text,
+            "tokens": result.tokens,
+            "prompt_tokens": result.prompt_tokens,
+            "policy": {"name": policy, **({} if policy == "full" else {"budget": budget})},
+            "backend": model.backend,
+            "model": model.name,
+            "kv": {"full_bytes": s.full_kv_bytes, "kept_bytes": s.kept_kv_bytes},
+            "timing": {
+                "prefill_s": s.prefill_s,
+                "select_s": s.select_s,
+                "decode_s": s.decode_s,
+                "decode_tokens_per_s": s.decode_tokens_per_s,
+            },
+        }
+        click.echo(json.dumps(record))
+        return
+    click.echo(result.text)
+    click.echo(
+        f"[{model.backend} | {policy}{'' if policy == 'full' else f' budget {budget}'} | "
+        f"prompt {result.prompt_tokens} tokens | KV {s.full_kv_bytes / 2**20:.2f} MiB -> {s.kept_kv_bytes / 2**20:.2f} MiB | "
+        f"prefill {s.prefill_s:.2f}s select {s.select_s:.3f}s decode {s.decode_tokens_per_s:.1f} tok/s]",
+        err=True,
+    )
+
+
+def main(argv=None) -> int:
+    """Entry point: bad input ends with one ``error:`` line and a non-zero exit, no traceback."""
+    try:
+        cli.main(args=argv, prog_name="sagekv", standalone_mode=False)
+    except SageKVError as error:
+        click.echo(f"error: {error}", err=True)
+        return 1
+    except click.ClickException as error:
+        click.echo(f"error: {error.format_message()}", err=True)
+        return error.exit_code
+    except click.Abort:
+        click.echo("error: aborted", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

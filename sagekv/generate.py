@@ -1,0 +1,149 @@
+"""Loading a model on a backend and the prefill -> select -> decode loop shared by both."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .errors import SageKVError
+from .policies import Full
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = ("float32", "float16", "bfloat16")
+PREFILL_CHUNK = 2048
+
+
+@dataclass
+class Stats:
+    """Cache bytes at the end of prefill (full) and after selection (kept), and timings."""
+
+    full_kv_bytes: int
+    kept_kv_bytes: int
+    prefill_s: float
+    select_s: float
+    decode_s: float
+    decode_tokens_per_s: float
+
+
+@dataclass
+class Result:
+    text: str
+    tokens: list
+    prompt_tokens: int
+    stats: Stats
+    kept_positions: Optional[list] = field(default=None, repr=False)
+    """Per layer: the positions each row kept at selection time (numpy), or None if none evicted."""
+
+
+def default_backend() -> str:
+    """MLX on Apple silicon, PyTorch elsewhere."""
+    return "mlx" if platform.system() == "Darwin" and platform.machine() == "arm64" else "torch"
+
+
+def read_config(path: str) -> dict:
+    """A local checkpoint's config.json, checked for a supported model type."""
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise SageKVError(f"no config.json in model directory {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SageKVError(f"cannot read {config_path}: {error}") from None
+    if not isinstance(config, dict):
+        raise SageKVError(f"{config_path} is not a JSON object")
+    check_model_type(config.get("model_type"))
+    return config
+
+
+def check_model_type(model_type) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise SageKVError(
+            f"unsupported model type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+
+def load(model: Optional[str] = None, backend: Optional[str] = None, device=None, dtype=None) -> "SageModel":
+    """Load a local checkpoint directory or a Hugging Face id with the backend's own loader.
+
+    ``backend``: "mlx" (mlx-lm) or "torch" (transformers); default MLX on Apple silicon, else
+    torch. ``device``: torch device string, or "cpu"/"gpu" for MLX. ``dtype``: one of
+    float32, float16, bfloat16, or None for the checkpoint's own.
+    """
+    from .backends import get_backend
+
+    if model is None:
+        raise SageKVError("no model given: pass a local checkpoint directory or a Hugging Face id")
+    if dtype is not None and dtype not in DTYPES:
+        raise SageKVError(f"unknown dtype {dtype!r} (choose from: {', '.join(DTYPES)})")
+    module = get_backend(backend or default_backend())
+    model = os.path.expanduser(str(model))
+    if os.path.isdir(model):
+        config = read_config(model)
+    elif os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
+        raise SageKVError(f"model path not found: {model}")
+    else:
+        config = {}  # a hub id: the loader fetches it, the type is checked once loaded
+    try:
+        runner = module.Runner(model, config, device=device, dtype=dtype)
+    except SageKVError:
+        raise
+    except Exception as error:  # loaders raise many types; the user needs the first line
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SageKVError(f"cannot load model {model} with {module.Runner.name}: {message}") from None
+    return SageModel(runner, model)
+
+
+class SageModel:
+    """A loaded model; :meth:`generate` runs full-attention prefill, one selection, then decode."""
+
+    def __init__(self, runner, name: str):
+        self.runner, self.name = runner, name
+        self.backend = runner.name
+
+    def generate(self, prompt: str, policy=None, max_tokens: int = 64, prefill_chunk: int = PREFILL_CHUNK) -> Result:
+        """Greedy generation of up to ``max_tokens`` tokens (stops early at end-of-sequence)."""
+        policy = Full() if policy is None else policy
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise SageKVError("the prompt is empty")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise SageKVError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise SageKVError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+        return self.generate_ids(self.runner.encode(prompt), policy, max_tokens, prefill_chunk)
+
+    def generate_ids(self, ids: list, policy, max_tokens: int, prefill_chunk: int = PREFILL_CHUNK) -> Result:
+        run = self.runner
+        cache = run.new_cache()
+
+        start = time.perf_counter()
+        for i in range(0, len(ids) - 1, prefill_chunk):
+            run.prefill(ids[i : min(i + prefill_chunk, len(ids) - 1)], cache)
+        logits = run.forward(ids[-1:], cache)  # the last token alone: its query guides selection
+        full_bytes = run.kv_bytes(cache)
+        run.sync()
+        prefill_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        run.compress(cache, policy)
+        run.sync()
+        select_s = time.perf_counter() - start
+        kept_bytes = run.kv_bytes(cache)
+        kept = run.kept(cache)
+
+        tokens = []
+        start = time.perf_counter()
+        token = run.argmax(logits)
+        while len(tokens) < max_tokens and token not in run.eos_ids:
+            tokens.append(token)
+            if len(tokens) == max_tokens:
+                break
+            token = run.argmax(run.forward([token], cache))
+        decode_s = time.perf_counter() - start
+        steps = max(len(tokens) - 1, 0)
+        stats = Stats(full_bytes, kept_bytes, prefill_s, select_s, decode_s, steps / decode_s if steps else 0.0)
+        return Result(run.decode(tokens), tokens, len(ids), stats, kept if any(k is not None for k in kept) else None)

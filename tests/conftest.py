@@ -1,0 +1,38 @@
+import importlib.util
+
+import numpy as np
+import pytest
+
+HAVE_MLX = importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx_lm") is not None
+HAVE_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+
+needs_mlx = pytest.mark.skipif(not HAVE_MLX, reason="mlx and mlx-lm are not installed")
+needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch and transformers are not installed")
+
+
+def to_library(array, library):
+    """The same values as a numpy, MLX or torch array."""
+    if library == "numpy":
+        return array
+    if library == "mlx":
+        if not HAVE_MLX:
+            pytest.skip("mlx is not installed")
+        import mlx.core as mx
+
+        return mx.array(array)
+    if not HAVE_TORCH:
+        pytest.skip("torch is not installed")
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def to_numpy(array):
+    if type(array).__module__.startswith("mlx"):
+        return np.array(array)
+    if type(array).__module__.startswith("torch"):
+        return array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+LIBRARIES = ["numpy", "mlx", "torch"]

@@ -1,0 +1,87 @@
+"""CUDA runs of both backends against the CPU torch results (skipped without a GPU)."""
+
+import numpy as np
+import pytest
+
+import sagekv
+
+FAMILIES = ["llama", "qwen2"]
+PROMPT = "Alpha beta gamma delta. The key for door seven is 4821. Epsilon zeta eta theta iota. " * 3
+POLICIES = [sagekv.Full(), sagekv.SageKV(32), sagekv.SageKV(32, group="kv_head"), sagekv.StreamingLLM(32)]
+
+
+def torch_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    return torch
+
+
+def mlx_gpu():
+    mx = pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    if not mx.is_available(mx.gpu):
+        pytest.skip("MLX has no GPU device here")
+    return mx
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from sagekv.checkpoints import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("gpu")
+    return {family: make_tiny_checkpoint(root / family, family, seed=3) for family in FAMILIES}
+
+
+def results(path, backend, device):
+    model = sagekv.load(path, backend=backend, device=device, dtype="float32")
+    return [model.generate(PROMPT, policy=p, max_tokens=24) for p in POLICIES]
+
+
+def assert_same(got, expected):
+    for a, b in zip(got, expected):
+        assert a.tokens == b.tokens
+        assert (a.kept_positions is None) == (b.kept_positions is None)
+        if a.kept_positions is not None:
+            assert all(np.array_equal(x, y) for x, y in zip(a.kept_positions, b.kept_positions))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_cuda_matches_cpu(checkpoints, family):
+    torch_cuda()
+    assert_same(results(checkpoints[family], "torch", "cuda"), results(checkpoints[family], "torch", "cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlx_cuda_matches_torch_cpu(checkpoints, family):
+    mlx_gpu()
+    pytest.importorskip("torch")
+    assert_same(results(checkpoints[family], "mlx", "gpu"), results(checkpoints[family], "torch", "cpu"))
+
+
+@pytest.mark.gpu
+def test_torch_cuda_releases_full_cache(tmp_path):
+    torch = torch_cuda()
+    from sagekv.checkpoints import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "wide", "llama", num_hidden_layers=4, num_key_value_heads=4, num_attention_heads=8)
+    run = sagekv.load(path, backend="torch", device="cuda", dtype="bfloat16").runner
+    ids = [65 + i % 26 for i in range(8192)]
+    cache = run.new_cache()
+    run.prefill(ids[:-1], cache)
+    run.forward(ids[-1:], cache)
+    full = run.kv_bytes(cache)
+    assert full == 2 * 4 * 4 * 8192 * 16 * 2
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    run.compress(cache, sagekv.SageKV(256))
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_allocated()
+    kept = run.kv_bytes(cache)
+    assert kept == 2 * 4 * 4 * 257 * 16 * 2
+    assert before - after >= 0.95 * (full - kept)
+    token = run.argmax(run.forward([66], cache))
+    assert 0 <= token < 258

@@ -1,0 +1,156 @@
+"""End to end on tiny random checkpoints of each family, loaded through the real loaders."""
+
+import numpy as np
+import pytest
+
+import sagekv
+from conftest import needs_mlx, needs_torch
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+PROMPT = "Alpha beta gamma delta. The key for door seven is 4821. Epsilon zeta eta theta iota. " * 3
+BUDGET = 32
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from sagekv.checkpoints import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: make_tiny_checkpoint(root / family, family, seed=3) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints):
+    loaded = {}
+
+    def get(family, backend):
+        if (family, backend) not in loaded:
+            loaded[family, backend] = sagekv.load(checkpoints[family], backend=backend, device="cpu", dtype="float32")
+        return loaded[family, backend]
+
+    return get
+
+
+def prefill_logits(model, ids, chunk):
+    run = model.runner
+    cache = run.new_cache()
+    for i in range(0, len(ids) - 1, chunk):
+        run.prefill(ids[i : min(i + chunk, len(ids) - 1)], cache)
+    return run.logits_numpy(run.forward(ids[-1:], cache))
+
+
+def same_kept(a, b):
+    if a is None or b is None:
+        return a is None and b is None
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+POLICIES = [
+    sagekv.Full(),
+    sagekv.SageKV(BUDGET),
+    sagekv.SageKV(BUDGET, group="kv_head"),
+    sagekv.StreamingLLM(BUDGET),
+]
+
+
+@needs_mlx
+@needs_torch
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlx_and_torch_agree(models, family):
+    mlx_model, torch_model = models(family, "mlx"), models(family, "torch")
+    ids = torch_model.runner.encode(PROMPT)
+    assert ids == mlx_model.runner.encode(PROMPT)
+    a, b = prefill_logits(mlx_model, ids, 64), prefill_logits(torch_model, ids, 64)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    for policy in POLICIES:
+        x = mlx_model.generate(PROMPT, policy=policy, max_tokens=24)
+        y = torch_model.generate(PROMPT, policy=policy, max_tokens=24)
+        assert x.tokens == y.tokens, policy
+        assert same_kept(x.kept_positions, y.kept_positions), policy
+        assert (x.stats.full_kv_bytes, x.stats.kept_kv_bytes) == (y.stats.full_kv_bytes, y.stats.kept_kv_bytes)
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_budget_at_least_prompt_equals_full(models, family, backend):
+    pytest.importorskip("mlx_lm" if backend == "mlx" else "torch")
+    model = models(family, backend)
+    n = len(model.runner.encode(PROMPT))
+    full = model.generate(PROMPT, policy=sagekv.Full(), max_tokens=24)
+    for budget in (n - 1, n, 4 * n):
+        kept = model.generate(PROMPT, policy=sagekv.SageKV(budget), max_tokens=24)
+        assert kept.tokens == full.tokens and kept.kept_positions is None
+        assert kept.stats.kept_kv_bytes == full.stats.kept_kv_bytes
+    evicting = model.generate(PROMPT, policy=sagekv.SageKV(n - 2), max_tokens=4)
+    assert evicting.kept_positions is not None
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_chunked_prefill_equals_one_shot(models, family, backend):
+    pytest.importorskip("mlx_lm" if backend == "mlx" else "torch")
+    model = models(family, backend)
+    ids = model.runner.encode(PROMPT)
+    one_shot = prefill_logits(model, ids, 10_000)
+    for chunk in (1, 7, 32):
+        np.testing.assert_allclose(prefill_logits(model, ids, chunk), one_shot, rtol=1e-4, atol=1e-4)
+    policy = sagekv.SageKV(BUDGET)
+    reference = model.generate(PROMPT, policy=policy, max_tokens=16)
+    for chunk in (7, 32):
+        result = model.generate(PROMPT, policy=policy, max_tokens=16, prefill_chunk=chunk)
+        assert result.tokens == reference.tokens
+        assert same_kept(result.kept_positions, reference.kept_positions)
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_kept_bytes_are_the_bytes_held(models, backend):
+    pytest.importorskip("mlx_lm" if backend == "mlx" else "torch")
+    model = models("llama", backend)
+    run = model.runner
+    ids = run.encode(PROMPT)
+    cache = run.new_cache()
+    run.prefill(ids[:-1], cache)
+    run.forward(ids[-1:], cache)
+    layers, kv_heads, head_dim = 2, 2, 16
+    assert run.kv_bytes(cache) == 2 * layers * kv_heads * len(ids) * head_dim * 4
+    run.compress(cache, sagekv.SageKV(BUDGET))
+    layer_caches = cache if backend == "mlx" else cache.layers
+    for layer in layer_caches:
+        assert layer.keys is None and layer.values is None  # the full cache is released
+        held = sum(a.nbytes if backend == "mlx" else a.numel() * a.element_size() for a in layer.compact.arrays)
+        assert layer.nbytes == held == 2 * kv_heads * (BUDGET + 1) * head_dim * 4
+    assert run.kv_bytes(cache) == 2 * layers * kv_heads * (BUDGET + 1) * head_dim * 4
+
+
+@needs_torch
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_matches_transformers_generate(checkpoints, models, family):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ours = models(family, "torch").generate(PROMPT, policy=sagekv.Full(), max_tokens=20)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.float32, attn_implementation="sdpa")
+    ids = torch.tensor([models(family, "torch").runner.encode(PROMPT)])
+    out = reference.generate(ids, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(ids))
+    expected = out[0, ids.shape[1] :].tolist()
+    eos = reference.generation_config.eos_token_id
+    if eos in expected:
+        expected = expected[: expected.index(eos)]
+    assert ours.tokens == expected
+
+
+@needs_torch
+def test_positions_continue_after_eviction(models):
+    """Decode steps after eviction use RoPE positions N, N+1, ... (not the shrunken length)."""
+    model = models("llama", "torch")
+    run = model.runner
+    ids = run.encode(PROMPT)
+    cache = run.new_cache()
+    run.prefill(ids[:-1], cache)
+    run.forward(ids[-1:], cache)
+    run.compress(cache, sagekv.SageKV(BUDGET))
+    assert cache.get_seq_length() == len(ids)
+    run.forward([65], cache)
+    assert cache.get_seq_length() == len(ids) + 1
+    assert cache.layers[0].compact.shared_positions.max() == len(ids)

@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+
+import sagekv
+from conftest import LIBRARIES, to_library, to_numpy
+from reference import select_reference
+
+# (Hq, Hkv, D, N, budget): group sizes 1, 2, 4, 7, 8; budgets that evict and that keep all
+SHAPES = [
+    (4, 4, 8, 100, 16),
+    (8, 2, 16, 300, 64),
+    (8, 2, 16, 65, 64),  # N = budget + 1: nothing evicted
+    (7, 1, 8, 257, 56),
+    (14, 2, 32, 500, 112),
+    (28, 4, 16, 1000, 256),
+    (8, 1, 8, 40, 100),  # budget > N
+]
+
+
+def assert_valid_topk(got, reference_rows, detail, tolerance=1e-5):
+    """Rows equal the reference, or differ only among candidates tied within float32 noise."""
+    candidates, scores = detail if detail else (None, None)
+    assert len(got) == len(reference_rows)
+    for row, (g, r) in enumerate(zip(got, reference_rows)):
+        assert list(g) == sorted(g), "positions must be sorted ascending"
+        if np.array_equal(g, r):
+            continue
+        assert scores is not None and len(g) == len(r)
+        score = dict(zip(candidates, scores[row]))
+        kth = min(score[p] for p in r if p in score)
+        for p in set(g) ^ set(r):
+            assert abs(score[p] - kth) <= tolerance * max(1.0, abs(kth)), (row, p)
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("group", ["query_head", "kv_head"])
+@pytest.mark.parametrize("hq,hkv,d,n,budget", SHAPES)
+def test_select_matches_float64_reference(library, group, hq, hkv, d, n, budget):
+    rng = np.random.default_rng(hq * 1000 + n)
+    query = rng.standard_normal((hq, d)).astype(np.float32)
+    keys = rng.standard_normal((hkv, n, d)).astype(np.float32)
+    policy = sagekv.SageKV(budget, group=group)
+    kept = sagekv.select(policy, to_library(query, library), to_library(keys, library))
+    assert type(kept).__module__.split(".")[0] == library
+    kept = to_numpy(kept)
+    rows, detail = select_reference(query, keys, budget, group)
+    g = hq // hkv
+    s, k, r = policy.split(g)
+    if n > s + g * k + r + 1:
+        per_row = s + k + r + 1 if group == "query_head" else s + g * k + r + 1
+        assert kept.shape == (hq if group == "query_head" else hkv, per_row)
+    else:
+        assert kept.shape == (hq if group == "query_head" else hkv, n)
+    assert_valid_topk(kept, rows, detail)
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_select_with_explicit_split(library):
+    rng = np.random.default_rng(7)
+    query = rng.standard_normal((8, 16)).astype(np.float32)
+    keys = rng.standard_normal((2, 200, 16)).astype(np.float32)
+    policy = sagekv.SageKV(64, sink=3, topk=5, recent=11)
+    kept = to_numpy(sagekv.select(policy, to_library(query, library), to_library(keys, library)))
+    assert kept.shape == (8, 3 + 5 + 11 + 1)
+    assert (kept[:, :3] == np.arange(3)).all()
+    assert (kept[:, -12:] == np.arange(200 - 12, 200)).all()
+    rows, detail = select_reference(query, keys, 64, sink=3, topk=5, recent=11)
+    assert_valid_topk(kept, rows, detail)
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_streaming_keeps_sink_and_recent(library):
+    keys = np.zeros((2, 50, 4), np.float32)
+    query = np.zeros((4, 4), np.float32)
+    kept = to_numpy(sagekv.select(sagekv.StreamingLLM(10, sink=4), to_library(query, library), to_library(keys, library)))
+    expected = np.concatenate([np.arange(4), np.arange(50 - 7, 50)])
+    assert kept.shape == (2, 11)
+    assert (kept == expected).all()
+
+
+def test_full_keeps_everything():
+    kept = sagekv.select(sagekv.Full(), np.zeros((4, 8)), np.zeros((2, 30, 8)))
+    assert kept.shape == (2, 30) and (kept == np.arange(30)).all()
+
+
+def test_paper_split():
+    # arXiv 2503.08879, A.2: B = 8192 on Llama-3 (G = 4)
+    assert sagekv.SageKV(8192).split(4) == (2048, 1024, 2048)
+    assert sagekv.SageKV(2048).split(4) == (512, 256, 512)
+    sink, topk, recent = sagekv.SageKV(8192).split(7)
+    assert (sink, topk) == (2048, 585) and sink + 7 * topk + recent == 8192
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(budget=-1), "budget must be >= 1"),
+        (dict(budget=0), "budget must be >= 1"),
+        (dict(budget=1.5), "budget must be an integer"),
+        (dict(budget=True), "budget must be an integer"),
+        (dict(budget=64, sink=-2), "sink must be >= 0"),
+        (dict(budget=64, group="layer"), "group must be"),
+    ],
+)
+def test_sagekv_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sagekv.SageKV(**kwargs)
+
+
+def test_budget_too_small_for_explicit_split():
+    with pytest.raises(ValueError, match="smaller than sink"):
+        sagekv.SageKV(16, sink=8, topk=4).split(4)
+
+
+def test_streaming_validation():
+    with pytest.raises(ValueError, match="must not exceed"):
+        sagekv.StreamingLLM(3, sink=4)
+    with pytest.raises(ValueError, match="budget must be an integer"):
+        sagekv.StreamingLLM("8")
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        sagekv.select(sagekv.SageKV(8), np.zeros((6, 4)), np.zeros((4, 20, 4)))
+    with pytest.raises(ValueError, match="expected query"):
+        sagekv.select(sagekv.SageKV(8), np.zeros((6, 4)), np.zeros((20, 4)))
