@@ -1,0 +1,219 @@
+import hashlib
+import re
+
+import pytest
+
+from sagekv.tasks import EVAL_SEEDS, MIN_LENGTH, TASKS, TRAIN_SEEDS, generate, score, split_of
+
+LENGTHS = [512, 1024, 2048, 4096, 8192]
+SEEDS = [0, 17, 1_000_003]
+NEEDLE_TASKS = ["single_needle", "multi_key", "multi_value", "multi_query"]
+DOC_TASKS = ["multi_doc_qa", "multi_doc_qa_2hop"]
+NEEDLE = re.compile(r"The magic number for ([a-z]+-[a-z]+) is (\d{7})\.")
+STATEMENT = re.compile(r"VAR ([A-Z]{5}) = (?:(\d{7})|VAR ([A-Z]{5}))\.")
+
+# Any change to these changes every stored sample: only update them on purpose.
+PROMPT_DIGESTS = {
+    "single_needle": "0f3eb99bd0dad0c3",
+    "multi_key": "3dd15508c14eb2f0",
+    "multi_value": "455b89a06e43426b",
+    "multi_query": "5e93bf6bb3bc06b0",
+    "variable_tracking": "9e9a12eadbfdee1f",
+    "multi_doc_qa": "07e11ef30150332c",
+    "multi_doc_qa_2hop": "c847d612bab21d84",
+}
+
+
+def context_without_facts(sample):
+    """The prompt before the question, with needles and assignment statements removed."""
+    context = sample.prompt[: len(sample.prompt) - len(sample.question)]
+    return STATEMENT.sub("", NEEDLE.sub("", context))
+
+
+def test_all_tasks_are_registered():
+    assert list(TASKS) == NEEDLE_TASKS + ["variable_tracking"] + DOC_TASKS
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_generation_is_deterministic(task):
+    assert generate(task, 1024, 5) == generate(task, 1024, 5)
+    assert generate(task, 1024, 5).prompt != generate(task, 1024, 6).prompt
+    digest = hashlib.sha256(generate(task, 1024, 0).prompt.encode()).hexdigest()[:16]
+    assert digest == PROMPT_DIGESTS[task]
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("task", TASKS)
+def test_prompt_length_is_within_three_percent(task, length):
+    for seed in SEEDS:
+        sample = generate(task, length, seed)
+        assert sample.prompt.isascii()
+        assert abs(len(sample.prompt.encode()) - length) <= 0.03 * length
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_minimum_length_is_accepted_and_within_three_percent(task):
+    length = MIN_LENGTH[task]
+    for seed in range(20):
+        assert abs(len(generate(task, length, seed).prompt) - length) <= 0.03 * length
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_prompt_ends_with_question_and_answer_prefix(task):
+    sample = generate(task, 2048, 3)
+    assert sample.prompt.endswith(sample.question)
+    assert sample.question.startswith(("\nQuestion: ", "Question: "))
+    assert "\nAnswer: " in sample.question and sample.question.endswith(" ")
+    assert sample.answer == ", ".join(sample.answers)
+    assert (len(sample.documents) > 0) == (task in DOC_TASKS)
+
+
+@pytest.mark.parametrize("task", NEEDLE_TASKS)
+def test_needles_hold_the_answers(task):
+    for seed in SEEDS:
+        sample = generate(task, 4096, seed)
+        needles = NEEDLE.findall(sample.prompt)
+        assert len(needles) == (1 if task == "single_needle" else 4)
+        values = [value for _, value in needles]
+        assert len(set(values)) == len(values)
+        asked = re.findall(r"[a-z]+-[a-z]+", sample.question.split("\n")[1])
+        if task == "multi_value":
+            assert {key for key, _ in needles} == set(asked)
+            assert sample.answers == tuple(values)  # in order of appearance
+        else:
+            assert sample.answers == tuple(dict(needles)[key] for key in asked)
+        prefix = sample.question.rsplit("Answer: ", 1)[1]
+        assert prefix.startswith("The magic number") and all(key in prefix for key in asked)
+
+
+def test_single_needle_answer_prefix_repeats_the_needle():
+    sample = generate("single_needle", 1024, 9)
+    (key, value), = NEEDLE.findall(sample.prompt)
+    assert f"The magic number for {key} is {value}." in sample.prompt
+    assert sample.question.endswith(f"Answer: The magic number for {key} is ")
+
+
+def test_variable_tracking_chain_is_consistent():
+    for seed in SEEDS:
+        sample = generate("variable_tracking", 2048, seed)
+        values = {}
+        for variable, number, source in STATEMENT.findall(sample.prompt):
+            assert variable not in values
+            assert number or source in values  # every variable is assigned before it is used
+            values[variable] = number or values[source]
+        asked = re.search(r"assigned the value (\d{7}) are $", sample.question).group(1)
+        holders = tuple(variable for variable, value in values.items() if value == asked)
+        assert sample.answers == holders and len(holders) == 5
+        assert len(set(values.values())) == 2  # one distractor chain
+
+
+@pytest.mark.parametrize("task", NEEDLE_TASKS + ["variable_tracking"])
+def test_haystack_has_no_digits_and_keys_do_not_leak(task):
+    for seed in SEEDS:
+        sample = generate(task, 8192, seed)
+        haystack = context_without_facts(sample)
+        assert not re.search(r"\d", haystack)
+        assert "-" not in haystack and "VAR" not in haystack
+        for key, _ in NEEDLE.findall(sample.prompt):
+            needles = len(re.findall(rf"The magic number for {key} is \d{{7}}\.", sample.prompt))
+            assert sample.prompt.count(key) == needles + sample.question.count(key)
+
+
+@pytest.mark.parametrize("task", NEEDLE_TASKS + ["variable_tracking"])
+def test_needle_depths_are_spread_over_the_context(task):
+    depths = []
+    for seed in range(30):
+        sample = generate(task, 2048, seed)
+        context = len(sample.prompt) - len(sample.question)
+        facts = [*NEEDLE.finditer(sample.prompt), *STATEMENT.finditer(sample.prompt)]
+        depths += [fact.start() / context for fact in facts]
+    assert min(depths) < 0.15 and max(depths) > 0.85
+    assert 0.35 < sum(depths) / len(depths) < 0.65
+
+
+@pytest.mark.parametrize("task", DOC_TASKS)
+def test_documents_make_up_the_prompt(task):
+    for length in (512, 8192):
+        sample = generate(task, length, 11)
+        assert sample.prompt == "".join(sample.documents) + sample.question
+        assert len(sample.documents) >= 3
+        for number, document in enumerate(sample.documents, 1):
+            assert document.startswith(f"Document {number}:\n") and document.endswith("\n\n")
+        # Only the document headers carry digits.
+        assert not re.search(r"\d", re.sub(r"Document \d+:", "", sample.prompt))
+    assert len(generate(task, 8192, 11).documents) > len(generate(task, 1024, 11).documents)
+
+
+def test_multi_doc_qa_answer_is_in_exactly_one_document():
+    for seed in SEEDS:
+        sample = generate("multi_doc_qa", 4096, seed)
+        fact = sample.question.rsplit("Answer: ", 1)[1] + sample.answer + "."
+        assert [fact in document for document in sample.documents].count(True) == 1
+        assert sample.prompt.count(sample.answer) == 1
+
+
+def test_multi_doc_qa_2hop_needs_two_documents():
+    for seed in SEEDS:
+        sample = generate("multi_doc_qa_2hop", 4096, seed)
+        person = re.search(r"organization that (.+) works for based\?", sample.question).group(1)
+        employment = re.compile(rf"{person} works for (the [A-Za-z]+ [a-z]+)\.")
+        [(works, organization)] = [(i, match.group(1)) for i, document in enumerate(sample.documents)
+                                   if (match := employment.search(document))]
+        based = f"{organization[0].upper()}{organization[1:]} is based in the city of {sample.answer}."
+        [located] = [i for i, document in enumerate(sample.documents) if based in document]
+        assert works != located
+        assert sample.prompt.count(sample.answer) == 1
+        prefix = f"Answer: The organization that {person} works for is based in the city of "
+        assert sample.question.endswith(prefix)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_score_rewards_the_answer_only(task):
+    sample = generate(task, 1024, 2)
+    assert score(sample, sample.answer) == 1.0
+    assert score(sample, "  " + sample.answer + ".\nQuestion: more text") == 1.0
+    assert score(sample, "nothing useful") == 0.0
+    assert score(sample, "") == 0.0
+    if len(sample.answers) == 1:
+        assert score(sample, sample.answer + "7") == 0.0  # a longer token is a different answer
+        assert score(sample, "I think " + sample.answer) == 0.0  # must come first
+    else:
+        half = len(sample.answers) // 2
+        assert score(sample, ", ".join(sample.answers[:half])) == pytest.approx(half / len(sample.answers))
+        assert score(sample, ", ".join(item + "0" for item in sample.answers)) == 0.0
+
+
+def test_haystack_is_varied():
+    sample = generate("single_needle", 8192, 4)
+    sentences = [s.strip() for s in re.split(r"(?<=\.)\s", context_without_facts(sample)) if s.strip()]
+    assert len(sentences) > 60
+    assert len(set(sentences)) > 0.9 * len(sentences)
+    words = re.findall(r"[a-z]+", sample.prompt.lower())
+    assert len(set(words)) > 150
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("needle", 1024, 0), "valid tasks: single_needle, multi_key"),
+        (("single_needle", 100, 0), "minimum 384"),
+        (("multi_doc_qa", 300, 0), "minimum 512"),
+        (("single_needle", 1024.0, 0), "length must be an int"),
+        (("single_needle", "1024", 0), "length must be an int"),
+        (("single_needle", 1024, -1), "seed must be a non-negative int"),
+        (("single_needle", 1024, 1.5), "seed must be a non-negative int"),
+        (("single_needle", 1024, True), "seed must be a non-negative int"),
+    ],
+)
+def test_bad_input_raises_value_error(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generate(*args)
+
+
+def test_seed_ranges_do_not_overlap():
+    assert EVAL_SEEDS.stop <= TRAIN_SEEDS.start and EVAL_SEEDS.step == TRAIN_SEEDS.step == 1
+    assert split_of(0) == split_of(EVAL_SEEDS[-1]) == "eval"
+    assert split_of(TRAIN_SEEDS[0]) == split_of(2**31 - 1) == "train"
+    for bad in (-1, 2**31, 0.5):
+        with pytest.raises(ValueError):
+            split_of(bad)
