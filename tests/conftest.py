@@ -1,4 +1,8 @@
 import importlib.util
+import os
+
+# float32 parity needs full-precision matmuls; MLX's CUDA/M5 default is TF32 (read at import).
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import numpy as np
 import pytest
