@@ -50,6 +50,10 @@ class MlxOps:
         return mx.softmax(x, axis=-1, precise=True)
 
     @staticmethod
+    def attention(q, k, v, scale):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    @staticmethod
     def astype_like(x, like):
         return x.astype(like.dtype)
 

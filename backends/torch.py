@@ -53,7 +53,11 @@ class TorchOps:
 
     @staticmethod
     def softmax(x):
-        return torch.softmax(x, dim=-1)
+        return torch.softmax(x, dim=-1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+    @staticmethod
+    def attention(q, k, v, scale):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
 
     @staticmethod
     def astype_like(x, like):

@@ -2,15 +2,15 @@
 
 Layout per KV head (batch 1), preallocated once at selection time:
 
-* ``shared``: [sink | ring], S + R + 1 entries every query head of the group attends to.
-  The ring starts as the R recent prompt tokens plus the last one; each decoded token
-  overwrites its oldest entry, so the size never changes.
-* ``selected``: the top-k entries, [Hkv, rows per KV head, k, D]. With per-query-head
-  selection each query head reads only its own k rows, so sink and recent entries are
-  never copied G times.
+* ``shared``: [sink | selected shared by the group | ring], what every query head of the
+  group attends to. The ring starts as the R recent prompt tokens plus the last one; each
+  decoded token overwrites its oldest entry, so the size never changes.
+* ``selected``: only with per-query-head selection, [Hkv, G, k, D]: each query head reads its
+  own k rows, so sink and recent entries are never copied G times.
 
-Decode attention scores the two parts separately and normalises them with one softmax over
-their concatenated logits, which is exactly attention over the union of kept positions.
+Without a per-head part, decode is one fused GQA attention over ``shared``. With one, the two
+parts are scored separately and normalised by one softmax over their concatenated logits,
+which is exactly attention over the union of kept positions.
 """
 
 from __future__ import annotations
@@ -25,19 +25,27 @@ class CompactKV:
     def __init__(self, ops, layout, positions, keys, values):
         """``positions``: kept positions [rows, S+k+R+1]; ``keys``/``values``: full [1, Hkv, N, D]."""
         self.ops, self.layout = ops, layout
-        s, k, r, n = layout.sink, layout.topk, layout.recent, layout.n
-        self.ring_start, self.ring_size = s, r + 1
-        self.shared_k = ops.concat([keys[:, :, :s], keys[:, :, n - 1 - r :]], axis=2)
-        self.shared_v = ops.concat([values[:, :, :s], values[:, :, n - 1 - r :]], axis=2)
-        self.selected_k = self.selected_v = None
-        if k:
-            rows = layout.groups_per_kv
-            index = positions[:, s : s + k].reshape(layout.kv_heads, rows, k)
-            head = ops.arange(0, layout.kv_heads, like=index).reshape(layout.kv_heads, 1, 1)
-            self.selected_k = keys[0][head, index][None]  # advanced indexing copies
-            self.selected_v = values[0][head, index][None]
-        self.shared_positions = np.concatenate([np.arange(s), np.arange(n - 1 - r, n)])
-        self.selected_positions = ops.to_numpy(positions[:, s : s + k]).astype(np.int64)
+        s, k, r, n, hkv = layout.sink, layout.topk, layout.recent, layout.n, layout.kv_heads
+        self.per_head = layout.groups_per_kv > 1 and k > 0
+        index = positions[:, s : s + k].reshape(hkv, layout.groups_per_kv, k)
+        head = ops.arange(0, hkv, like=index).reshape(hkv, 1, 1)
+        pick = lambda x: x[0][head, index][None]  # noqa: E731  advanced indexing copies
+        parts = lambda x, middle: [x[:, :, :s], *middle, x[:, :, n - 1 - r :]]  # noqa: E731
+        if self.per_head:
+            self.selected_k, self.selected_v = pick(keys), pick(values)  # [1, Hkv, G, k, D]
+            middle_k = middle_v = []
+        else:
+            self.selected_k = self.selected_v = None
+            middle_k, middle_v = ([pick(keys)[:, :, 0]], [pick(values)[:, :, 0]]) if k else ([], [])
+        self.shared_k = ops.concat(parts(keys, middle_k), axis=2)
+        self.shared_v = ops.concat(parts(values, middle_v), axis=2)
+
+        selected = ops.to_numpy(positions[:, s : s + k]).astype(np.int64)
+        shared_selected = np.zeros((hkv, 0), np.int64) if self.per_head else selected.reshape(hkv, k)
+        fixed = lambda first, stop: np.broadcast_to(np.arange(first, stop), (hkv, stop - first))  # noqa: E731
+        self.shared_positions = np.concatenate([fixed(0, s), shared_selected, fixed(n - 1 - r, n)], axis=1)
+        self.selected_positions = selected if self.per_head else None
+        self.ring_start, self.ring_size = self.shared_positions.shape[1] - (r + 1), r + 1
         self.next_slot = 0  # ring slot holding the oldest entry
         self.next_position = n
 
@@ -62,34 +70,34 @@ class CompactKV:
         slot = self.ring_start + self.next_slot
         self.shared_k[:, :, slot : slot + 1] = key
         self.shared_v[:, :, slot : slot + 1] = value
-        self.shared_positions[slot] = self.next_position
+        self.shared_positions[:, slot] = self.next_position
         self.next_slot = (self.next_slot + 1) % self.ring_size
         self.next_position += 1
 
     def attend(self, queries, scale):
         """Attention of one query token [1, Hq, 1, D] over the kept entries."""
-        ops, lay = self.ops, self.layout
+        ops, hkv = self.ops, self.layout.kv_heads
         b, hq, length, d = queries.shape
         if length != 1:
             raise SageKVError("after eviction the cache takes one token per step")
-        g = hq // lay.kv_heads
-        q = queries.reshape(1, lay.kv_heads, g, d)
-        logits = [ops.float32(q @ self.shared_k.swapaxes(-1, -2))]  # [1, Hkv, G, S+R+1]
-        if self.selected_k is not None:
-            sel = q[:, :, :, None] @ self.selected_k.swapaxes(-1, -2)  # [1, Hkv, G, 1, k]
-            logits.append(ops.float32(sel.reshape(1, lay.kv_heads, g, lay.topk)))
-        probs = ops.softmax(ops.concat(logits, axis=-1) * scale)
+        if not self.per_head:
+            return ops.attention(queries, self.shared_k, self.shared_v, scale)
+        g = hq // hkv
+        q = queries.reshape(1, hkv, g, d)
+        shared_logits = q @ self.shared_k.swapaxes(-1, -2)  # [1, Hkv, G, S+R+1]
+        selected_logits = (q[:, :, :, None] @ self.selected_k.swapaxes(-1, -2)).reshape(1, hkv, g, -1)
+        probs = ops.softmax(ops.concat([shared_logits, selected_logits], axis=-1) * scale)
         shared = self.shared_k.shape[2]
         out = ops.astype_like(probs[..., :shared], self.shared_v) @ self.shared_v
-        if self.selected_k is not None:
-            p_sel = ops.astype_like(probs[..., shared:], self.selected_v)[:, :, :, None]
-            out = out + (p_sel @ self.selected_v).reshape(out.shape)
+        p_selected = ops.astype_like(probs[..., shared:], self.selected_v)[:, :, :, None]
+        out = out + (p_selected @ self.selected_v).reshape(out.shape)
         return ops.astype_like(out.reshape(1, hq, 1, d), queries)
 
     def kept(self):
         """Positions each row attends to now, sorted: [rows, S+k+R+1] (numpy)."""
-        rows = self.layout.rows
-        shared = np.broadcast_to(self.shared_positions, (rows, self.shared_positions.size))
+        if not self.per_head:
+            return np.sort(self.shared_positions, axis=1)
+        shared = np.repeat(self.shared_positions, self.layout.groups_per_kv, axis=0)
         return np.sort(np.concatenate([shared, self.selected_positions], axis=1), axis=1)
 
     @property

@@ -40,8 +40,19 @@ class NumpyOps:
 
     @staticmethod
     def softmax(x):
+        """Softmax over the last axis, computed in (at least) float32."""
+        x = NumpyOps.float32(x)
         e = np.exp(x - x.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)
+
+    @staticmethod
+    def attention(q, k, v, scale):
+        """Grouped-query attention of q [1, Hq, L, D] over all of k, v [1, Hkv, T, D], no mask."""
+        b, hq, length, d = q.shape
+        hkv = k.shape[1]
+        logits = q.reshape(b, hkv, hq // hkv * length, d) @ k.swapaxes(-1, -2) * scale
+        out = NumpyOps.softmax(logits).astype(v.dtype) @ v
+        return out.reshape(b, hq, length, d).astype(q.dtype)
 
     @staticmethod
     def astype_like(x, like):
