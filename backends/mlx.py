@@ -2,8 +2,8 @@
 
 mlx-lm models call ``cache.update_and_fetch`` and then ``scaled_dot_product_attention``
 from their own module with ``cache=cache``. :class:`SageKVCache` is passed as the prompt
-cache; a wrapper around that attention function records the last query during prefill and
-sends decode steps to the compact cache. ``offset`` stays the true position after eviction
+cache; a wrapper around that attention function records the last queries during prefill and
+sends decode steps to the policy's decode cache. ``offset`` stays the true position after eviction
 while the physical rows shrink.
 """
 
@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from ..compact import CompactKV
+from ..selection import last_queries
 
 
 class MlxOps:
@@ -46,6 +46,42 @@ class MlxOps:
         return mx.sort(x, axis=-1)
 
     @staticmethod
+    def full(shape, value, like):
+        return mx.full(shape, value, dtype=like.dtype)
+
+    @staticmethod
+    def asarray(x, like):
+        return mx.array(x)
+
+    @staticmethod
+    def cumsum(x, axis):
+        return mx.cumsum(x.astype(mx.int32), axis=axis)
+
+    @staticmethod
+    def round(x, decimals):
+        return mx.round(x, decimals)
+
+    @staticmethod
+    def sqrt(x):
+        return mx.sqrt(x)
+
+    @staticmethod
+    def maximum(a, b):
+        return mx.maximum(a, b)
+
+    @staticmethod
+    def minimum(a, b):
+        return mx.minimum(a, b)
+
+    @staticmethod
+    def reduce_max(x, axis):
+        return x.max(axis=axis)
+
+    @staticmethod
+    def reduce_min(x, axis):
+        return x.min(axis=axis)
+
+    @staticmethod
     def softmax(x):
         return mx.softmax(x, axis=-1, precise=True)
 
@@ -67,49 +103,51 @@ class MlxOps:
 
 
 class SageKVCache(KVCache):
-    """A KVCache during prefill; a fixed-size :class:`CompactKV` after :meth:`compress`."""
+    """A KVCache during prefill; after :meth:`compress`, the policy's decode cache."""
 
-    def __init__(self):
+    def __init__(self, observed_queries: int = 1):
         super().__init__()
-        self.compact = None
-        self.last_query = None
+        self.window = max(observed_queries, 1)
+        self.queries = None  # the last prompt queries, [Hq, W, D]
+        self.decoder = None
 
     def update_and_fetch(self, keys, values):
-        if self.compact is None:
+        if self.decoder is None:
             return super().update_and_fetch(keys, values)
-        self.compact.append(keys, values)
+        self.decoder.append(keys, values)
         self.offset += 1
-        return self.compact.shared_k, self.compact.shared_v
+        return keys, values  # the attention wrapper reads the decoder instead
 
-    def compress(self, policy):
+    def observe(self, queries):
+        self.queries = last_queries(MlxOps, self.queries, queries, self.window)
+
+    def compress(self, policy, layer: int):
         keys, values = self.keys_and_values()
-        self.compact = CompactKV.from_prefill(policy, MlxOps, self.last_query, keys, values)
-        if self.compact is not None:
+        self.decoder = policy.decode_cache(MlxOps, self.queries, keys, values, layer)
+        if self.decoder is not None:
             self.keys = self.values = None  # release the full cache
-        self.last_query = None
+        self.queries = None
 
     def is_trimmable(self):
-        return self.compact is None
+        return self.decoder is None
 
     @property
     def nbytes(self):
-        if self.compact is not None:
-            return self.compact.nbytes
+        if self.decoder is not None:
+            return self.decoder.nbytes
         keys, values = self.keys_and_values()
         return keys.nbytes + values.nbytes
 
     def kept(self):
-        if self.compact is not None:
-            return self.compact.kept()
-        return None
+        return self.decoder.kept() if self.decoder is not None else None
 
 
 def _wrap_attention(original):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, **kwargs):
         if isinstance(cache, SageKVCache):
-            if cache.compact is not None:
-                return cache.compact.attend(queries, scale)
-            cache.last_query = queries[0, :, -1, :]
+            if cache.decoder is not None:
+                return cache.decoder.attend(queries, scale)
+            cache.observe(queries)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
 
     scaled_dot_product_attention.sagekv_original = original
@@ -157,8 +195,8 @@ class Runner:
     def decode(self, ids):
         return self.tokenizer.decode(ids)
 
-    def new_cache(self):
-        return [SageKVCache() for _ in self.model.layers]
+    def new_cache(self, observed_queries: int = 1):
+        return [SageKVCache(observed_queries) for _ in self.model.layers]
 
     def prefill(self, ids, cache):
         self.model(mx.array(ids)[None], cache=cache)
@@ -166,7 +204,7 @@ class Runner:
 
     def forward(self, ids, cache):
         logits = self.model(mx.array(ids)[None], cache=cache)[0, -1]
-        mx.eval(logits, [c.last_query for c in cache if c.compact is None])
+        mx.eval(logits, [c.queries for c in cache if c.decoder is None])
         return logits
 
     def argmax(self, logits) -> int:
@@ -176,11 +214,11 @@ class Runner:
         return np.array(logits.astype(mx.float32))
 
     def compress(self, cache, policy):
-        if any(c.last_query is None for c in cache):
+        if any(c.queries is None for c in cache):
             raise RuntimeError("attention was not routed through sagekv; is this model family supported?")
-        for c in cache:
-            c.compress(policy)
-        mx.eval([c.compact.arrays for c in cache if c.compact is not None])
+        for layer, c in enumerate(cache):
+            c.compress(policy, layer)
+        mx.eval([c.decoder.arrays for c in cache if c.decoder is not None])
 
     def kv_bytes(self, cache) -> int:
         return sum(c.nbytes for c in cache)

@@ -2,7 +2,7 @@
 
 A :class:`SageCache` (a transformers ``Cache`` of :class:`SageLayer`) grows like a
 ``DynamicCache`` during prefill; the registered ``"sagekv"`` attention function records the
-last query of each layer and, after eviction, answers decode steps from the compact cache.
+last queries of each layer and, after prefill, answers decode steps from the policy's decode cache.
 ``get_seq_length`` stays the true position, so positions continue from N.
 """
 
@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..compact import CompactKV
+from ..selection import last_queries
 
 ATTENTION = "sagekv"
 _active_cache = contextvars.ContextVar("sagekv_active_cache", default=None)
@@ -52,6 +52,42 @@ class TorchOps:
         return torch.sort(x, dim=-1).values
 
     @staticmethod
+    def full(shape, value, like):
+        return torch.full(shape, value, dtype=like.dtype, device=like.device)
+
+    @staticmethod
+    def asarray(x, like):
+        return torch.from_numpy(x).to(like.device)
+
+    @staticmethod
+    def cumsum(x, axis):
+        return torch.cumsum(x, dim=axis)
+
+    @staticmethod
+    def round(x, decimals):
+        return torch.round(x, decimals=decimals)
+
+    @staticmethod
+    def sqrt(x):
+        return torch.sqrt(x)
+
+    @staticmethod
+    def maximum(a, b):
+        return torch.maximum(a, b)
+
+    @staticmethod
+    def minimum(a, b):
+        return torch.minimum(a, b)
+
+    @staticmethod
+    def reduce_max(x, axis):
+        return x.amax(dim=axis)
+
+    @staticmethod
+    def reduce_min(x, axis):
+        return x.amin(dim=axis)
+
+    @staticmethod
     def softmax(x):
         return torch.softmax(x, dim=-1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
@@ -73,43 +109,47 @@ class TorchOps:
 
 
 class SageLayer(DynamicLayer):
-    """A DynamicLayer during prefill; a fixed-size :class:`CompactKV` after :meth:`compress`."""
+    """A DynamicLayer during prefill; after :meth:`compress`, the policy's decode cache."""
 
-    def __init__(self):
+    def __init__(self, observed_queries: int = 1):
         super().__init__()
-        self.compact = None
-        self.last_query = None
+        self.window = max(observed_queries, 1)
+        self.queries = None  # the last prompt queries, [Hq, W, D]
+        self.decoder = None
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.compact is None:
+        if self.decoder is None:
             return super().update(key_states, value_states, *args, **kwargs)
-        self.compact.append(key_states, value_states)
-        return self.compact.shared_k, self.compact.shared_v
+        self.decoder.append(key_states, value_states)
+        return key_states, value_states  # the attention function reads the decoder instead
 
     def get_seq_length(self) -> int:
-        if self.compact is not None:
-            return self.compact.next_position
+        if self.decoder is not None:
+            return self.decoder.length
         return super().get_seq_length()
 
-    def compress(self, policy):
-        self.compact = CompactKV.from_prefill(policy, TorchOps, self.last_query, self.keys, self.values)
-        if self.compact is not None:
+    def observe(self, queries):
+        self.queries = last_queries(TorchOps, self.queries, queries, self.window)
+
+    def compress(self, policy, layer: int):
+        self.decoder = policy.decode_cache(TorchOps, self.queries, self.keys, self.values, layer)
+        if self.decoder is not None:
             self.keys = self.values = None  # release the full cache
-        self.last_query = None
+        self.queries = None
 
     @property
     def nbytes(self) -> int:
-        if self.compact is not None:
-            return self.compact.nbytes
+        if self.decoder is not None:
+            return self.decoder.nbytes
         return TorchOps.nbytes(self.keys) + TorchOps.nbytes(self.values)
 
     def kept(self):
-        return self.compact.kept() if self.compact is not None else None
+        return self.decoder.kept() if self.decoder is not None else None
 
 
 class SageCache(Cache):
-    def __init__(self, num_layers: int):
-        super().__init__(layers=[SageLayer() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, observed_queries: int = 1):
+        super().__init__(layers=[SageLayer(observed_queries) for _ in range(num_layers)])
 
     @contextlib.contextmanager
     def active(self):
@@ -125,10 +165,10 @@ def sagekv_attention(module, query, key, value, attention_mask, **kwargs):
     cache = _active_cache.get()
     if cache is not None:
         layer = cache.layers[module.layer_idx]
-        if layer.compact is not None:
+        if layer.decoder is not None:
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            return layer.compact.attend(query, scale).transpose(1, 2), None
-        layer.last_query = query[0, :, -1, :]
+            return layer.decoder.attend(query, scale).transpose(1, 2), None
+        layer.observe(query)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -161,8 +201,8 @@ class Runner:
     def decode(self, ids):
         return self.tokenizer.decode(ids)
 
-    def new_cache(self):
-        return SageCache(self.model.config.num_hidden_layers)
+    def new_cache(self, observed_queries: int = 1):
+        return SageCache(self.model.config.num_hidden_layers, observed_queries)
 
     @torch.inference_mode()
     def forward(self, ids, cache):
@@ -185,10 +225,10 @@ class Runner:
 
     @torch.inference_mode()
     def compress(self, cache, policy):
-        if any(layer.last_query is None for layer in cache.layers):
+        if any(layer.queries is None for layer in cache.layers):
             raise RuntimeError("attention was not routed through sagekv; is this model family supported?")
-        for layer in cache.layers:
-            layer.compress(policy)
+        for index, layer in enumerate(cache.layers):
+            layer.compress(policy, index)
 
     def kv_bytes(self, cache) -> int:
         return sum(layer.nbytes for layer in cache.layers)

@@ -5,13 +5,19 @@ The core imports neither mlx nor torch; backends load on first use.
 
 from .errors import SageKVError
 from .generate import Result, SageModel, Stats, load
-from .policies import Full, SageKV, StreamingLLM
+from .policies import TOVA, Full, Knorm, Quest, Random, SageKV, SnapKV, StreamingLLM, make_policy
 from .selection import select
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TOVA",
     "Full",
+    "Knorm",
+    "Quest",
+    "Random",
+    "SnapKV",
+    "make_policy",
     "Result",
     "SageKV",
     "SageKVError",

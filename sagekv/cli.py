@@ -9,15 +9,7 @@ import click
 
 from .errors import SageKVError
 from .generate import DTYPES, load
-from .policies import POLICIES, Full
-
-
-def make_policy(name: str, budget):
-    if name == "full":
-        return Full()
-    if budget is None:
-        raise SageKVError(f"--budget is required with --policy {name}")
-    return POLICIES[name](budget)
+from .policies import NAMED, make_policy
 
 
 @click.group()
@@ -29,7 +21,7 @@ def cli():
 @cli.command()
 @click.option("--backend", type=click.Choice(["mlx", "torch"]), default=None, help="Default: mlx on Apple silicon, else torch.")
 @click.option("--model", "model_path", default=None, help="Local checkpoint directory or Hugging Face id.")
-@click.option("--policy", type=click.Choice(sorted(POLICIES)), default="sagekv", show_default=True)
+@click.option("--policy", type=click.Choice(list(NAMED)), default="sagekv", show_default=True)
 @click.option("--budget", type=int, default=None, help="KV entries kept per KV head (sagekv, streaming).")
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-file", default=None, help="Read the prompt from this file.")

@@ -47,20 +47,20 @@ class CompactKV:
         self.selected_positions = selected if self.per_head else None
         self.ring_start, self.ring_size = self.shared_positions.shape[1] - (r + 1), r + 1
         self.next_slot = 0  # ring slot holding the oldest entry
-        self.next_position = n
+        self.length = n  # tokens seen: the next token's position
 
     @classmethod
-    def from_prefill(cls, policy, ops, query, keys, values):
+    def from_prefill(cls, policy, ops, queries, keys, values):
         """Select and build, or return None when the policy keeps everything.
 
-        ``query``: [Hq, D] last prompt token's query; ``keys``/``values``: [1, Hkv, N, D].
+        ``queries``: [Hq, W, D] the last prompt queries; ``keys``/``values``: [1, Hkv, N, D].
         """
         if keys.shape[0] != 1:
             raise SageKVError("eviction supports batch size 1")
-        layout = policy.layout(keys.shape[2], query.shape[0], keys.shape[1])
+        layout = policy.layout(keys.shape[2], queries.shape[0], keys.shape[1])
         if not layout.evicts:
             return None
-        positions = kept_positions(policy, ops, query, keys[0], layout)
+        positions = kept_positions(policy, ops, queries, keys[0], layout)
         return cls(ops, layout, positions, keys, values)
 
     def append(self, key, value):
@@ -70,9 +70,9 @@ class CompactKV:
         slot = self.ring_start + self.next_slot
         self.shared_k[:, :, slot : slot + 1] = key
         self.shared_v[:, :, slot : slot + 1] = value
-        self.shared_positions[:, slot] = self.next_position
+        self.shared_positions[:, slot] = self.length
         self.next_slot = (self.next_slot + 1) % self.ring_size
-        self.next_position += 1
+        self.length += 1
 
     def attend(self, queries, scale):
         """Attention of one query token [1, Hq, 1, D] over the kept entries."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .errors import SageKVError
-from .policies import Full
+from .policies import Full, Policy
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -108,6 +108,8 @@ class SageModel:
     def generate(self, prompt: str, policy=None, max_tokens: int = 64, prefill_chunk: int = PREFILL_CHUNK) -> Result:
         """Greedy generation of up to ``max_tokens`` tokens (stops early at end-of-sequence)."""
         policy = Full() if policy is None else policy
+        if not isinstance(policy, Policy):
+            raise SageKVError(f"policy must be a sagekv policy such as sagekv.SageKV(budget), got {policy!r}")
         if not isinstance(prompt, str) or not prompt.strip():
             raise SageKVError("the prompt is empty")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
@@ -118,7 +120,7 @@ class SageModel:
 
     def generate_ids(self, ids: list, policy, max_tokens: int, prefill_chunk: int = PREFILL_CHUNK) -> Result:
         run = self.runner
-        cache = run.new_cache()
+        cache = run.new_cache(policy.observed_queries)
 
         start = time.perf_counter()
         for i in range(0, len(ids) - 1, prefill_chunk):

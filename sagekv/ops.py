@@ -39,6 +39,42 @@ class NumpyOps:
         return np.sort(x, axis=-1)
 
     @staticmethod
+    def full(shape, value, like):
+        return np.full(shape, value, dtype=like.dtype)
+
+    @staticmethod
+    def asarray(x, like):
+        return np.asarray(x)
+
+    @staticmethod
+    def cumsum(x, axis):
+        return np.cumsum(x, axis=axis)
+
+    @staticmethod
+    def round(x, decimals):
+        return np.round(x, decimals)
+
+    @staticmethod
+    def sqrt(x):
+        return np.sqrt(x)
+
+    @staticmethod
+    def maximum(a, b):
+        return np.maximum(a, b)
+
+    @staticmethod
+    def minimum(a, b):
+        return np.minimum(a, b)
+
+    @staticmethod
+    def reduce_max(x, axis):
+        return x.max(axis=axis)
+
+    @staticmethod
+    def reduce_min(x, axis):
+        return x.min(axis=axis)
+
+    @staticmethod
     def softmax(x):
         """Softmax over the last axis, computed in (at least) float32."""
         x = NumpyOps.float32(x)

@@ -9,13 +9,15 @@ from .ops import ops_for
 def select(policy, query, keys):
     """Kept absolute positions for one layer, sorted ascending.
 
-    ``query``: the last prompt token's post-RoPE query, [Hq, D]; ``keys``: the layer's
-    post-RoPE keys, [Hkv, N, D]. Returns [rows, S+k+R+1] (rows = Hq for per-query-head
-    selection, Hkv otherwise), or [rows, N] when nothing is evicted; same array type as
-    the inputs.
+    ``query``: the last prompt token's post-RoPE query, [Hq, D] (or the last W prompt
+    queries, [Hq, W, D], for policies that observe a window); ``keys``: the layer's post-RoPE
+    keys, [Hkv, N, D]. Returns [rows, S+k+R+1] (rows = Hq for per-query-head selection, Hkv
+    otherwise), or [rows, N] when nothing is evicted; same array type as the inputs.
     """
     ops = ops_for(query)
-    if len(query.shape) != 2 or len(keys.shape) != 3 or query.shape[-1] != keys.shape[-1]:
+    if len(query.shape) == 2:
+        query = query[:, None]
+    if len(query.shape) != 3 or len(keys.shape) != 3 or query.shape[-1] != keys.shape[-1]:
         raise SageKVError(
             f"expected query [Hq, D] and keys [Hkv, N, D], got {tuple(query.shape)} and {tuple(keys.shape)}"
         )
@@ -23,13 +25,37 @@ def select(policy, query, keys):
     return kept_positions(policy, ops, query, keys, layout)
 
 
-def kept_positions(policy, ops, query, keys, layout):
+def kept_positions(policy, ops, queries, keys, layout):
     n, rows = layout.n, layout.rows
     if not layout.evicts:
         return ops.broadcast_rows(ops.arange(0, n, like=keys), rows)
     parts = [ops.broadcast_rows(ops.arange(0, layout.sink, like=keys), rows)]
     if layout.topk:
-        scores = policy.scores(ops, query, keys, layout)
-        parts.append(ops.sort(ops.topk_indices(scores, layout.topk)) + layout.sink)
+        scores = policy.scores(ops, queries, keys, layout)
+        parts.append(ops.sort(top_positions(ops, scores, layout.topk)) + layout.sink)
     parts.append(ops.broadcast_rows(ops.arange(n - 1 - layout.recent, n, like=keys), rows))
     return ops.concat(parts, axis=1)
+
+
+def top_positions(ops, scores, k: int):
+    """Indices of the k largest scores per row; equal scores keep the earliest position.
+
+    The tie rule makes every backend keep the same tokens when scores tie exactly (max-pooled
+    plateaus, keys of repeated tokens).
+    """
+    rows, count = scores.shape
+    some = ops.topk_indices(scores, k)
+    kth = ops.reduce_min(scores[ops.arange(0, rows, like=some)[:, None], some], axis=-1)[:, None]
+    above, tied = scores > kth, scores == kth
+    missing = k - above.sum(axis=-1)[:, None]
+    keep = above | (tied & (ops.cumsum(tied, axis=-1) <= missing))
+    earliest_first = ops.float32(keep) * ops.float32(count - ops.arange(0, count, like=some))
+    return ops.topk_indices(earliest_first, k)
+
+
+def last_queries(ops, previous, queries, window: int):
+    """The last ``window`` prompt queries [Hq, W, D] seen so far, after a chunk [1, Hq, L, D]."""
+    latest = queries[0, :, -window:]
+    if previous is None or latest.shape[1] >= window:
+        return latest
+    return ops.concat([previous, latest], axis=1)[:, -window:]

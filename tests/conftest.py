@@ -40,3 +40,32 @@ def to_numpy(array):
 
 
 LIBRARIES = ["numpy", "mlx", "torch"]
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Tiny random checkpoints of each family, saved with transformers' save_pretrained."""
+    pytest.importorskip("transformers")
+    from sagekv.checkpoints import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: make_tiny_checkpoint(root / family, family, seed=3) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_checkpoints):
+    """tiny_models(family, backend): the checkpoint loaded once per session, float32 on the CPU."""
+    import sagekv
+
+    loaded = {}
+
+    def get(family, backend):
+        pytest.importorskip("mlx_lm" if backend == "mlx" else "torch")
+        if (family, backend) not in loaded:
+            loaded[family, backend] = sagekv.load(tiny_checkpoints[family], backend=backend, device="cpu", dtype="float32")
+        return loaded[family, backend]
+
+    return get

@@ -1,6 +1,8 @@
-"""Plain float64 numpy references, written as directly from the spec as possible."""
+"""Plain float64 numpy references, written as directly from each paper's rule as possible."""
 
 import numpy as np
+
+import sagekv
 
 
 def sagekv_split(budget, group_size, sink=None, topk=None, recent=None):
@@ -10,37 +12,83 @@ def sagekv_split(budget, group_size, sink=None, topk=None, recent=None):
     return sink, topk, recent
 
 
-def select_reference(query, keys, budget, group="query_head", sink=None, topk=None, recent=None):
-    """Kept positions per row (list of sorted int arrays) for SAGE-KV, one head at a time."""
-    query, keys = np.asarray(query, np.float64), np.asarray(keys, np.float64)
-    hq, d = query.shape
+def softmax(logits):
+    p = np.exp(logits - logits.max())
+    return p / p.sum()
+
+
+def attention_row(query, keys, position):
+    """Softmax attention of one query at ``position`` over keys[0..position]."""
+    d = query.shape[-1]
+    probs = np.zeros(len(keys))
+    probs[: position + 1] = softmax(keys[: position + 1] @ query / np.sqrt(d))
+    return probs
+
+
+def pool1d(x, kernel, mode):
+    """Max or average over ``kernel`` neighbours (zero padding counts for the average)."""
+    half = kernel // 2
+    out = np.empty_like(x)
+    for i in range(len(x)):
+        window = x[max(i - half, 0) : i + half + 1]
+        out[i] = window.max() if mode == "max" else window.sum() / kernel
+    return out
+
+
+def policy_reference(policy, queries, keys):
+    """Kept positions per row, plus (candidates, per-row scores) for checking near-ties.
+
+    ``queries``: [Hq, W, D], the last W prompt queries; ``keys``: [Hkv, N, D].
+    """
+    queries, keys = np.asarray(queries, np.float64), np.asarray(keys, np.float64)
+    hq, w, d = queries.shape
     hkv, n, _ = keys.shape
     g = hq // hkv
-    s, k, r = sagekv_split(budget, g, sink, topk, recent)
-    if n <= s + g * k + r + 1:
-        rows = hq if group == "query_head" else hkv
+    last = queries[:, -1]
+    if isinstance(policy, sagekv.SageKV):
+        sink, k, recent = sagekv_split(policy.budget, g, policy.sink, policy.topk, policy.recent)
+        per_row = k if policy.group == "query_head" else g * k
+        rows = hq if policy.group == "query_head" else hkv
+    elif isinstance(policy, sagekv.StreamingLLM):
+        sink, recent, per_row, rows = policy.sink, policy.budget - policy.sink, 0, hkv
+    elif isinstance(policy, sagekv.SnapKV):
+        sink, recent, rows = 0, policy.window - 1, hkv
+        per_row = policy.budget - recent
+    elif isinstance(policy, (sagekv.Full, sagekv.Quest)):
+        return [np.arange(n) for _ in range(hkv)], None
+    else:  # TOVA, Knorm, Random
+        sink, recent, per_row, rows = 0, 0, policy.budget, hkv
+    if n <= sink + (g if rows == hq else 1) * per_row + recent + 1:
         return [np.arange(n) for _ in range(rows)], None
-    candidates = np.arange(s, n - 1 - r)
-    fixed = list(range(s)) + list(range(n - 1 - r, n))
-    rows, scores = [], []
-    if group == "query_head":
-        for h in range(hq):
-            score = keys[h // g, candidates] @ query[h] / np.sqrt(d)
-            top = candidates[np.argsort(-score, kind="stable")[:k]]
-            rows.append(np.sort(np.array(fixed + list(top))))
-            scores.append(score)
-    else:
-        for kv in range(hkv):
-            total = np.zeros(n)
-            for h in range(kv * g, (kv + 1) * g):
-                logits = keys[kv] @ query[h] / np.sqrt(d)
-                p = np.exp(logits - logits.max())
-                total += p / p.sum()
-            score = total[candidates]
-            top = candidates[np.argsort(-score, kind="stable")[: g * k]]
-            rows.append(np.sort(np.array(fixed + list(top))))
-            scores.append(score)
-    return rows, (candidates, scores)
+
+    candidates = np.arange(sink, n - 1 - recent)
+    probs = lambda h: attention_row(last[h], keys[h // g], n - 1)  # noqa: E731
+    scores = []  # per row, over the candidates
+    for row in range(rows):
+        if isinstance(policy, sagekv.SageKV) and policy.group == "query_head":
+            full = keys[row // g] @ last[row] / np.sqrt(d) if policy.pool == 1 else pool1d(probs(row), policy.pool, "max")
+            score = full[candidates]
+        elif isinstance(policy, sagekv.SageKV):
+            score = pool1d(sum(probs(h) for h in range(row * g, (row + 1) * g)), policy.pool, "max")[candidates]
+        elif isinstance(policy, sagekv.SnapKV):
+            window = range(w - min(w, policy.window), w)
+            votes = sum(attention_row(queries[h, i], keys[row], n - w + i) for h in range(row * g, (row + 1) * g) for i in window)
+            score = pool1d(votes[candidates], policy.kernel, policy.pooling)
+        elif isinstance(policy, sagekv.TOVA):
+            score = (sum(probs(h) for h in range(hq)) / hq)[candidates]
+        elif isinstance(policy, sagekv.Knorm):
+            score = -np.round(np.linalg.norm(keys[row], axis=-1), 3)[candidates]
+        elif isinstance(policy, sagekv.Random):
+            score = np.random.default_rng(policy.seed).random((hkv, len(candidates)), dtype=np.float32)[row]
+        else:
+            score = np.zeros(len(candidates))
+        scores.append(score)
+    kept = []
+    fixed = list(range(sink)) + list(range(n - 1 - recent, n))
+    for score in scores:
+        top = candidates[np.argsort(-score, kind="stable")[:per_row]] if per_row else []
+        kept.append(np.sort(np.array(fixed + list(top), dtype=np.int64)))
+    return kept, (candidates, scores)
 
 
 def masked_attention(query, keys, values, kept, scale):
@@ -48,3 +96,32 @@ def masked_attention(query, keys, values, kept, scale):
     logits = keys[kept] @ query * scale
     p = np.exp(logits - logits.max())
     return (p / p.sum()) @ values[kept]
+
+
+def quest_pages(query, keys, length, page, pages_per_step):
+    """Quest's page choice for one query head: top upper bounds among full pages + current page."""
+    pages = -(-length // page)
+    if pages - 1 <= pages_per_step:
+        return list(range(length))
+    bounds = []
+    for p in range(pages - 1):
+        chunk = keys[p * page : (p + 1) * page]
+        bounds.append(np.maximum(query * chunk.min(0), query * chunk.max(0)).sum())
+    chosen = sorted(np.argsort(-np.array(bounds), kind="stable")[:pages_per_step]) + [pages - 1]
+    return [t for p in chosen for t in range(p * page, min((p + 1) * page, length))]
+
+
+def assert_valid_selection(got, reference, tolerance=1e-5):
+    """Rows equal the reference, or differ only among candidates tied within float32 noise."""
+    rows, detail = reference
+    assert len(got) == len(rows)
+    for row, (g, r) in enumerate(zip(got, rows)):
+        assert list(g) == sorted(g), "positions must be sorted ascending"
+        if np.array_equal(g, r):
+            continue
+        assert detail is not None and len(g) == len(r), (row, g, r)
+        candidates, scores = detail
+        score = dict(zip(candidates, scores[row]))
+        kth = min(score[p] for p in r if p in score)
+        for p in set(g) ^ set(r):
+            assert abs(score[p] - kth) <= tolerance * max(1.0, abs(kth)), (row, p)

@@ -30,7 +30,7 @@ def test_decode_equals_masked_full_attention(library, policy, hq, hkv):
     as_lib = lambda x: to_library(x.astype(np.float32), library)  # noqa: E731
 
     cache = CompactKV.from_prefill(
-        policy, ops_for(as_lib(queries[0])), as_lib(queries[0]), as_lib(keys[:, :, :n]), as_lib(values[:, :, :n])
+        policy, ops_for(as_lib(queries[0])), as_lib(queries[0][:, None]), as_lib(keys[:, :, :n]), as_lib(values[:, :, :n])
     )
     kept = cache.kept()
     layout = cache.layout
@@ -57,11 +57,11 @@ def test_decode_equals_masked_full_attention(library, policy, hq, hkv):
 def test_one_token_per_step_after_eviction():
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((1, 2, 50, 4))
-    cache = CompactKV.from_prefill(sagekv.SageKV(8), ops_for(keys), rng.standard_normal((4, 4)), keys, keys)
+    cache = CompactKV.from_prefill(sagekv.SageKV(8), ops_for(keys), rng.standard_normal((4, 1, 4)), keys, keys)
     with pytest.raises(ValueError, match="one token per step"):
         cache.append(keys[:, :, :2], keys[:, :, :2])
 
 
 def test_nothing_to_evict_returns_none():
     keys = np.zeros((1, 2, 20, 4))
-    assert CompactKV.from_prefill(sagekv.SageKV(19), ops_for(keys), np.zeros((4, 4)), keys, keys) is None
+    assert CompactKV.from_prefill(sagekv.SageKV(19), ops_for(keys), np.zeros((4, 1, 4)), keys, keys) is None

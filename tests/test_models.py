@@ -4,32 +4,20 @@ import numpy as np
 import pytest
 
 import sagekv
-from conftest import needs_mlx, needs_torch
+from conftest import FAMILIES, needs_mlx, needs_torch
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 PROMPT = "Alpha beta gamma delta. The key for door seven is 4821. Epsilon zeta eta theta iota. " * 3
 BUDGET = 32
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    pytest.importorskip("transformers")
-    from sagekv.checkpoints import make_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("tiny")
-    return {family: make_tiny_checkpoint(root / family, family, seed=3) for family in FAMILIES}
+@pytest.fixture
+def models(tiny_models):
+    return tiny_models
 
 
-@pytest.fixture(scope="module")
-def models(checkpoints):
-    loaded = {}
-
-    def get(family, backend):
-        if (family, backend) not in loaded:
-            loaded[family, backend] = sagekv.load(checkpoints[family], backend=backend, device="cpu", dtype="float32")
-        return loaded[family, backend]
-
-    return get
+@pytest.fixture
+def checkpoints(tiny_checkpoints):
+    return tiny_checkpoints
 
 
 def prefill_logits(model, ids, chunk):
@@ -118,7 +106,7 @@ def test_kept_bytes_are_the_bytes_held(models, backend):
     layer_caches = cache if backend == "mlx" else cache.layers
     for layer in layer_caches:
         assert layer.keys is None and layer.values is None  # the full cache is released
-        held = sum(a.nbytes if backend == "mlx" else a.numel() * a.element_size() for a in layer.compact.arrays)
+        held = sum(a.nbytes if backend == "mlx" else a.numel() * a.element_size() for a in layer.decoder.arrays)
         assert layer.nbytes == held == 2 * kv_heads * (BUDGET + 1) * head_dim * 4
     assert run.kv_bytes(cache) == 2 * layers * kv_heads * (BUDGET + 1) * head_dim * 4
 
@@ -153,4 +141,4 @@ def test_positions_continue_after_eviction(models):
     assert cache.get_seq_length() == len(ids)
     run.forward([65], cache)
     assert cache.get_seq_length() == len(ids) + 1
-    assert cache.layers[0].compact.shared_positions.max() == len(ids)
+    assert cache.layers[0].decoder.shared_positions.max() == len(ids)

@@ -1,0 +1,39 @@
+"""Cache policies: one small validated dataclass per method, one file per paper."""
+
+from __future__ import annotations
+
+from ..errors import SageKVError
+from .base import Layout, Policy
+from .quest import Quest
+from .sagekv import SageKV
+from .simple import TOVA, Knorm, Random
+from .snapkv import SnapKV
+from .streaming import Full, StreamingLLM
+
+# Named settings for the command line and evaluation; each takes the budget.
+NAMED = {
+    "full": lambda budget: Full(),
+    "sagekv": SageKV,  # the paper's setting
+    "sagekv_kv": lambda budget: SageKV(budget, group="kv_head"),
+    "sagekv_pool": lambda budget: SageKV(budget, pool=9),
+    "streaming": StreamingLLM,
+    "snapkv": SnapKV,
+    "quest": Quest,
+    "tova": TOVA,
+    "knorm": Knorm,
+    "random": Random,
+}
+
+
+def make_policy(name: str, budget=None) -> Policy:
+    """The named policy at ``budget`` KV entries per KV head (none for ``full``)."""
+    if name not in NAMED:
+        raise SageKVError(f"unknown policy {name!r} (choose from: {', '.join(NAMED)})")
+    if name == "full":
+        return Full()
+    if budget is None:
+        raise SageKVError(f"--budget is required with --policy {name}")
+    return NAMED[name](budget)
+
+
+__all__ = ["NAMED", "Full", "Knorm", "Layout", "Policy", "Quest", "Random", "SageKV", "SnapKV", "StreamingLLM", "TOVA", "make_policy"]

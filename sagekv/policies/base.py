@@ -1,0 +1,125 @@
+"""What every policy shares: validated fields, the kept-cache layout and score helpers.
+
+Budgets count KV entries per KV head, so policies compare at equal memory: an evicting
+policy with budget B keeps ``sink + topk + recent`` = B entries per KV head plus the last
+prompt token; the recent window then rolls during decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import SageKVError
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SageKVError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise SageKVError(f"{name} must be >= {minimum}, got {value}")
+
+
+def group_size(q_heads: int, kv_heads: int) -> int:
+    if kv_heads < 1 or q_heads % kv_heads:
+        raise SageKVError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
+    return q_heads // kv_heads
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of one layer's kept cache for a prompt of ``n`` tokens.
+
+    ``rows`` independent selections (query heads, or KV heads when a selection is shared by
+    a group) each keep ``sink + topk + recent + 1`` positions; ``groups_per_kv`` rows share
+    one KV head.
+    """
+
+    n: int
+    q_heads: int
+    kv_heads: int
+    sink: int
+    topk: int
+    recent: int
+    groups_per_kv: int
+    evicts: bool
+
+    @property
+    def rows(self) -> int:
+        return self.kv_heads * self.groups_per_kv
+
+    @property
+    def kept_per_row(self) -> int:
+        return self.sink + self.topk + self.recent + 1 if self.evicts else self.n
+
+    @property
+    def kept_per_kv_head(self) -> int:
+        """Entries one KV head stores: sink, recent and last shared; top-k once per row."""
+        if not self.evicts:
+            return self.n
+        return self.sink + self.groups_per_kv * self.topk + self.recent + 1
+
+    @property
+    def candidates(self) -> slice:
+        """Positions that compete for the top-k: after the sink, before the recent window."""
+        return slice(self.sink, self.n - 1 - self.recent)
+
+
+class Policy:
+    """An evicting policy: sink + top-k scored candidates per row + recent window + last token.
+
+    Subclasses give ``layout`` and, when they select, ``scores``; ``observed_queries`` is how
+    many of the prompt's last queries scoring reads.
+    """
+
+    name: ClassVar[str]
+    observed_queries: ClassVar[int] = 1
+
+    def layout(self, n: int, q_heads: int, kv_heads: int) -> Layout:
+        raise NotImplementedError
+
+    def scores(self, ops, queries, keys, layout: Layout):
+        """[rows, candidates] scores; ``queries`` [Hq, W, D], ``keys`` [Hkv, N, D]."""
+        raise NotImplementedError
+
+    def decode_cache(self, ops, queries, keys, values, layer: int):
+        """The cache this layer decodes on after prefill, or None to keep the full cache."""
+        from ..compact import CompactKV
+
+        return CompactKV.from_prefill(self, ops, queries, keys, values)
+
+    def shared_layout(self, n: int, q_heads: int, kv_heads: int, sink: int, recent: int, budget: int) -> Layout:
+        """A layout whose top-k is shared by each KV head's query heads."""
+        group_size(q_heads, kv_heads)
+        return Layout(n, q_heads, kv_heads, sink, budget - sink - recent, recent, 1, n > budget + 1)
+
+
+def attention_probs(ops, queries, keys):
+    """Softmax attention of the observed queries over all keys, float32: [Hkv, G, W, N].
+
+    Query w of W is the prompt's position N-W+w, so it is causally masked beyond that.
+    """
+    hkv, n, d = keys.shape
+    hq, w, _ = queries.shape
+    q = ops.float32(queries).reshape(hkv, hq // hkv, w, d)
+    logits = (q @ ops.float32(keys)[:, None].swapaxes(-1, -2)) * (d**-0.5)
+    if w > 1:
+        future = ops.arange(0, n, like=keys)[None, :] > ops.arange(n - w, n, like=keys)[:, None]
+        logits = logits - 1e30 * ops.float32(future)
+    return ops.softmax(logits)
+
+
+def pool(ops, scores, kernel: int, mode: str):
+    """Max or average over a window of ``kernel`` neighbours along the last axis (same length)."""
+    if kernel <= 1:
+        return scores
+    half = kernel // 2
+    shape = (*scores.shape[:-1], half)
+    filler = ops.full(shape, float("-inf") if mode == "max" else 0.0, like=scores)
+    padded = ops.concat([filler, scores, filler], axis=-1)
+    length = scores.shape[-1]
+    out = padded[..., :length]
+    for shift in range(1, 2 * half + 1):
+        window = padded[..., shift : shift + length]
+        out = ops.maximum(out, window) if mode == "max" else out + window
+    return out if mode == "max" else out / (2 * half + 1)
