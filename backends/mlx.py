@@ -9,6 +9,7 @@ while the physical rows shrink.
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import mlx.core as mx
@@ -141,6 +142,12 @@ class SageKVCache(KVCache):
     def kept(self):
         return self.decoder.kept() if self.decoder is not None else None
 
+    def clone(self):
+        """A copy that shares no buffer it could write into (a prefilled cache only)."""
+        twin = copy.copy(self)
+        twin.keys, twin.values = self.keys_and_values()  # slices are new arrays
+        return twin
+
 
 def _wrap_attention(original):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, **kwargs):
@@ -219,6 +226,9 @@ class Runner:
         for layer, c in enumerate(cache):
             c.compress(policy, layer)
         mx.eval([c.decoder.arrays for c in cache if c.decoder is not None])
+
+    def clone_cache(self, cache):
+        return [c.clone() for c in cache]
 
     def kv_bytes(self, cache) -> int:
         return sum(c.nbytes for c in cache)

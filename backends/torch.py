@@ -9,6 +9,7 @@ last queries of each layer and, after prefill, answers decode steps from the pol
 from __future__ import annotations
 
 import contextlib
+import copy
 import contextvars
 
 import numpy as np
@@ -229,6 +230,12 @@ class Runner:
             raise RuntimeError("attention was not routed through sagekv; is this model family supported?")
         for index, layer in enumerate(cache.layers):
             layer.compress(policy, index)
+
+    def clone_cache(self, cache):
+        """A copy of a prefilled cache: layers only rebind their tensors, so sharing them is safe."""
+        twin = copy.copy(cache)
+        twin.layers = [copy.copy(layer) for layer in cache.layers]
+        return twin
 
     def kv_bytes(self, cache) -> int:
         return sum(layer.nbytes for layer in cache.layers)

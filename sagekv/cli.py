@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -76,8 +77,43 @@ def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, de
     )
 
 
+@cli.command("eval")
+@click.option("--backend", type=click.Choice(["mlx", "torch"]), default=None, help="Default: mlx on Apple silicon, else torch.")
+@click.option("--model", "model_path", default=None, help="Local checkpoint directory or Hugging Face id.")
+@click.option("--tasks", "task_list", default="single_needle,multi_key", show_default=True,
+              help="Comma-separated task names, or longbench:FILE.jsonl.")
+@click.option("--lengths", default="2048,4096,8192", show_default=True, help="Prompt lengths in tokens (synthetic tasks).")
+@click.option("--policies", default="full,sagekv,streaming,snapkv,quest", show_default=True, help=f"From: {', '.join(NAMED)}.")
+@click.option("--budgets", default="64,128,256,512,1024,2048", show_default=True, help="KV entries per KV head.")
+@click.option("--samples", type=int, default=20, show_default=True, help="Samples per task and length.")
+@click.option("--seed", type=int, default=0, show_default=True, help="First evaluation seed.")
+@click.option("--out", required=True, help="Results directory (re-running skips cells already done).")
+@click.option("--device", default=None)
+@click.option("--dtype", type=click.Choice(DTYPES), default=None)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def eval_command(backend, model_path, task_list, lengths, policies, budgets, samples, seed, out, device, dtype, quiet):
+    """Accuracy against KV budget for several policies, tasks and lengths."""
+    from .evaluate import cells, check_tasks, evaluate, parse_list
+    from .tasks import EVAL_SEEDS
+
+    if samples < 1:
+        raise SageKVError(f"--samples must be >= 1, got {samples}")
+    if seed not in EVAL_SEEDS or seed + samples - 1 not in EVAL_SEEDS:
+        raise SageKVError(f"evaluation seeds must lie in {EVAL_SEEDS.start}..{EVAL_SEEDS.stop - 1}")
+    task_specs = parse_list(task_list, str, "tasks")
+    length_list = parse_list(lengths, int, "lengths")
+    policy_names = parse_list(policies, str, "policies")
+    budget_list = parse_list(budgets, int, "budgets")
+    check_tasks(task_specs, length_list)
+    cells(policy_names, budget_list)  # every policy valid at every budget, before loading
+    model = load(model_path, backend=backend, device=device, dtype=dtype)
+    metrics = evaluate(model, task_specs, length_list, policy_names, budget_list, samples, seed, out, progress=not quiet)
+    click.echo(f"{len(metrics)} cells written to {out}/ (metrics.json, predictions.jsonl, summary.md, accuracy_vs_budget.png)")
+
+
 def main(argv=None) -> int:
     """Entry point: bad input ends with one ``error:`` line and a non-zero exit, no traceback."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no loader bars in our output
     try:
         cli.main(args=argv, prog_name="sagekv", standalone_mode=False)
     except SageKVError as error:

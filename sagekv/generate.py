@@ -119,17 +119,23 @@ class SageModel:
         return self.generate_ids(self.runner.encode(prompt), policy, max_tokens, prefill_chunk)
 
     def generate_ids(self, ids: list, policy, max_tokens: int, prefill_chunk: int = PREFILL_CHUNK) -> Result:
-        run = self.runner
-        cache = run.new_cache(policy.observed_queries)
+        return self.decode(self.prefill(ids, policy.observed_queries, prefill_chunk), policy, max_tokens)
 
+    def prefill(self, ids: list, observed_queries: int = 1, prefill_chunk: int = PREFILL_CHUNK) -> "Prefilled":
+        """Full-attention prefill; the result can be decoded under several policies."""
+        run = self.runner
+        cache = run.new_cache(observed_queries)
         start = time.perf_counter()
         for i in range(0, len(ids) - 1, prefill_chunk):
             run.prefill(ids[i : min(i + prefill_chunk, len(ids) - 1)], cache)
         logits = run.forward(ids[-1:], cache)  # the last token alone: its query guides selection
-        full_bytes = run.kv_bytes(cache)
         run.sync()
-        prefill_s = time.perf_counter() - start
+        return Prefilled(cache, logits, len(ids), run.kv_bytes(cache), time.perf_counter() - start)
 
+    def decode(self, prefilled: "Prefilled", policy, max_tokens: int) -> Result:
+        """Select with ``policy`` on a copy of the prefilled cache, then decode greedily."""
+        run = self.runner
+        cache = run.clone_cache(prefilled.cache)
         start = time.perf_counter()
         run.compress(cache, policy)
         run.sync()
@@ -139,7 +145,7 @@ class SageModel:
 
         tokens = []
         start = time.perf_counter()
-        token = run.argmax(logits)
+        token = run.argmax(prefilled.logits)  # the first token comes from the full-attention prefill
         while len(tokens) < max_tokens and token not in run.eos_ids:
             tokens.append(token)
             if len(tokens) == max_tokens:
@@ -147,5 +153,16 @@ class SageModel:
             token = run.argmax(run.forward([token], cache))
         decode_s = time.perf_counter() - start
         steps = max(len(tokens) - 1, 0)
-        stats = Stats(full_bytes, kept_bytes, prefill_s, select_s, decode_s, steps / decode_s if steps else 0.0)
-        return Result(run.decode(tokens), tokens, len(ids), stats, kept if any(k is not None for k in kept) else None)
+        stats = Stats(prefilled.full_kv_bytes, kept_bytes, prefilled.seconds, select_s, decode_s, steps / decode_s if steps else 0.0)
+        return Result(run.decode(tokens), tokens, prefilled.prompt_tokens, stats, kept if any(k is not None for k in kept) else None)
+
+
+@dataclass
+class Prefilled:
+    """A prompt's full cache and last logits after prefill (left untouched by decoding)."""
+
+    cache: object
+    logits: object
+    prompt_tokens: int
+    full_kv_bytes: int
+    seconds: float

@@ -142,3 +142,19 @@ def test_positions_continue_after_eviction(models):
     run.forward([65], cache)
     assert cache.get_seq_length() == len(ids) + 1
     assert cache.layers[0].decoder.shared_positions.max() == len(ids)
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_one_prefill_serves_many_policies(models, backend):
+    model = models("llama", backend)
+    ids = model.runner.encode(PROMPT)
+    policies = [sagekv.SageKV(BUDGET), sagekv.Full(), sagekv.SnapKV(BUDGET, window=8), sagekv.Quest(32, page=8, dense_layers=1)]
+    window = max(p.observed_queries for p in policies)
+    prefilled = model.prefill(ids, window)
+    before = model.runner.kv_bytes(prefilled.cache)
+    for policy in policies + policies[:1]:
+        shared = model.decode(prefilled, policy, 12)
+        alone = model.generate_ids(ids, policy, 12)
+        assert shared.tokens == alone.tokens, policy
+        assert same_kept(shared.kept_positions, alone.kept_positions)
+    assert model.runner.kv_bytes(prefilled.cache) == before
