@@ -194,6 +194,7 @@ class Runner:
         if dtype is not None:
             self.model.set_dtype(getattr(mx, dtype))
         install_attention(self.model)
+        self.num_layers = len(self.model.layers)
         self.eos_ids = set(self.tokenizer.eos_token_ids or [])
 
     def encode(self, text):

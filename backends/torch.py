@@ -193,6 +193,7 @@ class Runner:
             path, dtype=DTYPES[dtype] if dtype else "auto", attn_implementation=ATTENTION
         ).to(self.device)
         self.model.eval()
+        self.num_layers = self.model.config.num_hidden_layers
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
@@ -203,7 +204,7 @@ class Runner:
         return self.tokenizer.decode(ids)
 
     def new_cache(self, observed_queries: int = 1):
-        return SageCache(self.model.config.num_hidden_layers, observed_queries)
+        return SageCache(self.num_layers, observed_queries)
 
     @torch.inference_mode()
     def forward(self, ids, cache):

@@ -41,7 +41,7 @@ def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, de
         except (OSError, UnicodeDecodeError) as error:
             raise SageKVError(f"cannot read prompt file {prompt_file}: {error.strerror if isinstance(error, OSError) else error}") from None
     if prompt is None:
-        raise SageKVError("no prompt: pass --prompt TEXT or --prompt-file PATH")
+        return run_example(backend, model_path, policy, budget, device, dtype, as_json)
     if not prompt.strip():
         raise SageKVError("the prompt is empty")
     if max_tokens < 0:
@@ -51,22 +51,7 @@ def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, de
     result = model.generate(prompt, policy=chosen, max_tokens=max_tokens)
     s = result.stats
     if as_json:
-        record = {
-            "text": result.text,
-            "tokens": result.tokens,
-            "prompt_tokens": result.prompt_tokens,
-            "policy": {"name": policy, **({} if policy == "full" else {"budget": budget})},
-            "backend": model.backend,
-            "model": model.name,
-            "kv": {"full_bytes": s.full_kv_bytes, "kept_bytes": s.kept_kv_bytes},
-            "timing": {
-                "prefill_s": s.prefill_s,
-                "select_s": s.select_s,
-                "decode_s": s.decode_s,
-                "decode_tokens_per_s": s.decode_tokens_per_s,
-            },
-        }
-        click.echo(json.dumps(record))
+        click.echo(json.dumps(json_record(result, model, policy, budget)))
         return
     click.echo(result.text)
     click.echo(
@@ -75,6 +60,42 @@ def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, de
         f"prefill {s.prefill_s:.2f}s select {s.select_s:.3f}s decode {s.decode_tokens_per_s:.1f} tok/s]",
         err=True,
     )
+
+
+def json_record(result, model, policy: str, budget) -> dict:
+    s = result.stats
+    return {
+        "text": result.text,
+        "tokens": result.tokens,
+        "prompt_tokens": result.prompt_tokens,
+        "policy": {"name": policy, **({} if policy == "full" else {"budget": budget})},
+        "backend": model.backend,
+        "model": model.name,
+        "kv": {"full_bytes": s.full_kv_bytes, "kept_bytes": s.kept_kv_bytes},
+        "timing": {
+            "prefill_s": s.prefill_s,
+            "select_s": s.select_s,
+            "decode_s": s.decode_s,
+            "decode_tokens_per_s": s.decode_tokens_per_s,
+        },
+    }
+
+
+def run_example(backend, model_path, policy, budget, device, dtype, as_json):
+    """No prompt: a built-in task sample, answered with full attention and with the policy."""
+    from . import demo
+
+    budget = demo.BUDGET if budget is None and policy != "full" else budget
+    chosen = make_policy(policy, budget)
+    model = load(model_path, backend=backend, device=device, dtype=dtype)
+    example = demo.run_example(model, chosen)
+    if as_json:
+        record = json_record(example.evicted, model, policy, budget)
+        record.update(expected=example.sample.answer, full_text=example.full.text, task=example.sample.task)
+        click.echo(json.dumps(record))
+        return
+    label = policy if policy == "full" else f"{policy} B={budget}"
+    click.echo(demo.report(example, label, model.runner.num_layers))
 
 
 @cli.command("eval")

@@ -66,7 +66,6 @@ def write(path, text):
         ("unsupported type", "unsupported model type 'gpt2'"),
         ("empty prompt", "the prompt is empty"),
         ("missing prompt file", "cannot read prompt file"),
-        ("no prompt", "no prompt"),
         ("negative max tokens", "--max-tokens must be >= 0"),
         ("missing budget", "--budget is required"),
         ("no model", "no model given"),
@@ -93,7 +92,6 @@ def test_bad_input_gives_one_line(case, message, tmp_path, checkpoint):
         "unsupported type": base + ["--model", str(gpt2)],
         "empty prompt": base + ["--prompt", "   "],
         "missing prompt file": ["run", "--model", checkpoint, "--budget", "8", "--prompt-file", str(tmp_path / "nope.txt")],
-        "no prompt": ["run", "--model", checkpoint, "--budget", "8"],
         "negative max tokens": base + ["--max-tokens", "-1"],
         "missing budget": ["run", "--model", checkpoint, "--prompt", "hi"],
         "no model": ["run", "--budget", "8", "--prompt", "hi"],
@@ -120,3 +118,15 @@ def test_load_errors_are_sagekv_errors(tmp_path):
     with pytest.raises(sagekv.SageKVError, match="unknown dtype"):
         sagekv.load(str(tmp_path), backend="torch", dtype="int3")
     assert os.path.isdir(tmp_path)
+
+
+@needs_torch
+def test_run_without_prompt_shows_the_built_in_example(checkpoint):
+    out = sagekv("run", "--backend", "torch", "--model", checkpoint, "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "Built-in example: multi_key" in text and "expected" in text and "full attention" in text
+    assert "sagekv B=256" in text and "of full" in text and "positions per head" in text
+    record = json.loads(sagekv("run", "--backend", "torch", "--model", checkpoint, "--json", "--policy", "streaming").stdout)
+    assert record["policy"] == {"name": "streaming", "budget": 256} and record["task"] == "multi_key"
+    assert record["expected"].isdigit() and record["kv"]["kept_bytes"] < record["kv"]["full_bytes"]
