@@ -15,6 +15,7 @@ from .policies import Full, Policy
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "float16", "bfloat16")
 PREFILL_CHUNK = 2048
+REFERENCE_MODEL = os.path.join(os.path.dirname(__file__), "reference_model")
 
 
 @dataclass
@@ -77,7 +78,9 @@ def load(model: Optional[str] = None, backend: Optional[str] = None, device=None
     from .backends import get_backend
 
     if model is None:
-        raise SageKVError("no model given: pass a local checkpoint directory or a Hugging Face id")
+        if not os.path.exists(os.path.join(REFERENCE_MODEL, "config.json")):
+            raise SageKVError("no model given and the bundled reference model is not installed: pass --model PATH_OR_ID")
+        model = REFERENCE_MODEL
     if dtype is not None and dtype not in DTYPES:
         raise SageKVError(f"unknown dtype {dtype!r} (choose from: {', '.join(DTYPES)})")
     module = get_backend(backend or default_backend())
