@@ -10,17 +10,23 @@ from .base import Layout, Policy, attention_probs, check_int
 
 
 @dataclass(frozen=True)
-class TOVA(Policy):
-    """TOVA (Oren et al., arXiv 2401.06104), one-shot: last token's attention averaged over all heads."""
+class TopScores(Policy):
+    """Keeps the ``budget`` best-scored tokens per KV head (and the last one), no sink or window."""
 
     budget: int
-    name = "tova"
 
     def __post_init__(self):
         check_int("budget", self.budget, 1)
 
     def layout(self, n: int, q_heads: int, kv_heads: int) -> Layout:
         return self.shared_layout(n, q_heads, kv_heads, 0, 0, self.budget)
+
+
+@dataclass(frozen=True)
+class TOVA(TopScores):
+    """TOVA (Oren et al., arXiv 2401.06104), one-shot: last token's attention averaged over all heads."""
+
+    name = "tova"
 
     def scores(self, ops, queries, keys, layout: Layout):
         probs = attention_probs(ops, queries[:, -1:], keys)  # [Hkv, G, 1, N]
@@ -29,21 +35,14 @@ class TOVA(Policy):
 
 
 @dataclass(frozen=True)
-class Knorm(Policy):
+class Knorm(TopScores):
     """Keep the keys with the smallest L2 norm (Devoto et al., arXiv 2406.11430).
 
     Norms are rounded to 3 decimals: a token repeated at several positions has one norm (RoPE
     is a rotation), and rounding makes those equal in every backend, so the earliest is kept.
     """
 
-    budget: int
     name = "knorm"
-
-    def __post_init__(self):
-        check_int("budget", self.budget, 1)
-
-    def layout(self, n: int, q_heads: int, kv_heads: int) -> Layout:
-        return self.shared_layout(n, q_heads, kv_heads, 0, 0, self.budget)
 
     def scores(self, ops, queries, keys, layout: Layout):
         k = ops.float32(keys[:, layout.candidates])
@@ -51,19 +50,15 @@ class Knorm(Policy):
 
 
 @dataclass(frozen=True)
-class Random(Policy):
+class Random(TopScores):
     """Keep ``budget`` random tokens per KV head (the same draw in every layer for one seed)."""
 
-    budget: int
     seed: int = 0
     name = "random"
 
     def __post_init__(self):
-        check_int("budget", self.budget, 1)
+        super().__post_init__()
         check_int("seed", self.seed, 0)
-
-    def layout(self, n: int, q_heads: int, kv_heads: int) -> Layout:
-        return self.shared_layout(n, q_heads, kv_heads, 0, 0, self.budget)
 
     def scores(self, ops, queries, keys, layout: Layout):
         count = layout.candidates.stop - layout.candidates.start
