@@ -1,0 +1,116 @@
+"""CPU smoke test of scripts/train_reference_model.py: a tiny model, a few seconds of training, a resume."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import HAVE_MLX, needs_torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_reference_model.py"
+TASK_SUBSET = "single_needle,multi_value,multi_doc_qa_2hop"  # one needle, several answers, documents
+TINY = ["--hidden", "32", "--layers", "1", "--heads", "4", "--kv-heads", "1", "--intermediate", "64",
+        "--stages", "512,1024", "--tokens-per-step", "2048", "--tasks", TASK_SUBSET, "--stage-share", "0.3",
+        "--workers", "0", "--device", "cpu", "--log-every", "1", "--eval-samples", "1", "--eval-lengths", "512"]
+LOG_KEYS = {"event", "step", "elapsed", "stage", "length", "lr", "loss", "answer_loss", "answer_loss_avg",
+            "steps_per_s", "heldout_token_acc", "heldout_exact"}
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_reference_model", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@needs_torch
+def test_batch_targets_are_the_answer_then_eos():
+    import torch
+
+    script = load_script()
+    from sagekv.tasks import generate
+
+    samples = [generate("multi_value", 512, 1_000_000), generate("single_needle", 384, 1_000_001)]
+    ids, kinds = script.encode_batch(samples)
+    assert ids.shape[1] % 64 == 0
+    for row, sample in enumerate(samples):
+        targets = ids[row][kinds[row] == script.ANSWER].tolist()
+        assert bytes(targets[:-1]).decode() == sample.answer and targets[-1] == script.EOS
+        assert ids[row, 0] == script.BOS and kinds[row, 0] == script.PAD
+        assert (kinds[row] == script.CONTEXT).sum() == len(sample.prompt)
+    # Logits that put all mass on the next token give zero loss on exactly the answer positions.
+    perfect = torch.full((*ids.shape, 258), -1e4)
+    perfect[:, :-1].scatter_(2, ids[:, 1:, None], 1e4)
+    loss, answer_loss = script.losses(perfect, ids, kinds, 0.1)
+    assert loss.item() == answer_loss.item() == 0.0
+    wrong_answer = perfect.clone()
+    wrong_answer[:, :-1][kinds[:, 1:] == script.ANSWER] = 0.0  # uniform over 258 tokens at answer targets only
+    loss, answer_loss = script.losses(wrong_answer, ids, kinds, 0.1)
+    assert answer_loss.item() == pytest.approx(torch.log(torch.tensor(258.0)).item(), rel=1e-4)
+    assert loss.item() == pytest.approx(answer_loss.item(), rel=1e-6)
+
+
+@needs_torch
+def test_train_save_resume_and_reload(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    script = load_script()
+    out = tmp_path / "run"
+    script.main(["--out", str(out), "--minutes", "0.05", *TINY])
+    for name in ("checkpoint.pt", "train_log.jsonl", "model/config.json", "model/model.safetensors",
+                 "model/tokenizer.json", "final_eval.json"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "model/config.json").read_text())
+    assert config["num_attention_heads"] == 4 * config["num_key_value_heads"]
+    assert config["vocab_size"] == 258 and config["dtype"] == "bfloat16" and config["rope_theta"] == 500000.0
+    assert (config["bos_token_id"], config["eos_token_id"]) == (256, 257)
+    assert config["max_position_embeddings"] >= 16384
+    log = read_log(out)
+    records = [r for r in log if r["event"] == "log"]
+    assert records and LOG_KEYS <= set(records[-1])
+    assert any(r["event"] == "stage" and r["from_length"] == 512 for r in log)  # --stage-share moved it on
+    first = json.loads((out / "final_eval.json").read_text())
+    assert set(first["results"]) == set(TASK_SUBSET.split(","))
+    assert 0.0 <= first["results"]["single_needle"]["512"]["score"] <= 1.0
+    assert first["elapsed"] >= 3.0
+
+    with pytest.raises(SystemExit):  # an existing run is not overwritten by accident
+        script.main(["--out", str(out), "--minutes", "0.05", *TINY])
+
+    # The budget counts across runs: raising it to 6 s trains about 3 s more, from where it stopped.
+    script.main(["--out", str(out), "--resume", "--minutes", "0.1", "--workers", "0", "--device", "cpu",
+                 "--log-every", "1", "--eval-samples", "1", "--eval-lengths", "512"])
+    second = json.loads((out / "final_eval.json").read_text())
+    assert second["step"] > first["step"]
+    assert first["elapsed"] < second["elapsed"] and second["elapsed"] >= 6.0
+    resumed = [r for r in read_log(out)[len(log):] if r["event"] == "log"]
+    assert resumed and resumed[0]["step"] > first["step"] and resumed[0]["stage"] == 1  # not started over
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.num_key_value_heads == 1 and model.config.vocab_size == 258
+    if HAVE_MLX:  # plain mlx-lm must read the same RoPE base
+        from mlx_lm import load
+
+        mlx_model, _ = load(str(out / "model"))
+        assert mlx_model.args.rope_theta == 500000.0
+
+
+@needs_torch
+def test_batched_greedy_matches_one_at_a_time():
+    import torch
+
+    script = load_script()
+    from sagekv.tasks import generate
+
+    args = script.parse_args(["--out", "unused", *TINY])
+    model = script.build_model(args)
+    samples = [generate("multi_value", 512, 7), generate("single_needle", 400, 8)]  # different prompt lengths
+    device = torch.device("cpu")
+    batched = script.greedy_texts(model, samples, device)
+    assert batched == [script.greedy_texts(model, [sample], device)[0] for sample in samples]
+    assert all(len(text) <= len(s.answer) + 2 for text, s in zip(batched, samples))  # one char per byte at most
