@@ -35,6 +35,7 @@ def main():
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--lengths", default="4096,16384")
     parser.add_argument("--budgets", default="512,2048")
+    parser.add_argument("--policies", default="sagekv,sagekv_kv,streaming", help="compared with full attention")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=8)
@@ -61,7 +62,7 @@ def main():
             ids = [256] + rng.integers(32, 127, n - 1).tolist()
             policies = [("full", None, sagekv.Full())]
             for b in map(int, args.budgets.split(",")):
-                policies += [("sagekv", b, sagekv.SageKV(b)), ("streaming", b, sagekv.StreamingLLM(b))]
+                policies += [(name, b, sagekv.make_policy(name, b)) for name in args.policies.split(",")]
             base = None
             for name, budget, policy in policies:
                 s = median_stats(model, ids, policy, args.decode_tokens, args.repeats)
