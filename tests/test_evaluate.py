@@ -130,3 +130,16 @@ def test_eval_cli_bad_input(tiny_checkpoints, tmp_path, extra, message):
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+
+
+def test_eval_gives_the_same_predictions_on_mlx_and_torch(tiny_models, tmp_path):
+    pytest.importorskip("mlx_lm")
+    from sagekv.evaluate import evaluate
+
+    runs = {}
+    for backend in ("mlx", "torch"):
+        out = str(tmp_path / backend)
+        evaluate(tiny_models("llama", backend), ["multi_key"], [512], ["full", "sagekv", "snapkv"], [64], 2, 0, out, progress=False)
+        runs[backend] = [{k: r[k] for k in ("task", "seed", "policy", "budget", "prediction", "score", "kept_kv_bytes")}
+                         for r in map(json.loads, open(os.path.join(out, "predictions.jsonl")))]
+    assert runs["mlx"] == runs["torch"]
