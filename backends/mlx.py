@@ -195,6 +195,7 @@ class Runner:
             self.model.set_dtype(getattr(mx, dtype))
         install_attention(self.model)
         self.num_layers = len(self.model.layers)
+        self.model_type = config.get("model_type", self.model.model_type)
         self.eos_ids = set(self.tokenizer.eos_token_ids or [])
 
     def encode(self, text):

@@ -194,6 +194,7 @@ class Runner:
         ).to(self.device)
         self.model.eval()
         self.num_layers = self.model.config.num_hidden_layers
+        self.model_type = self.model.config.model_type
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 

@@ -98,6 +98,7 @@ def load(model: Optional[str] = None, backend: Optional[str] = None, device=None
     except Exception as error:  # loaders raise many types; the user needs the first line
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SageKVError(f"cannot load model {model} with {module.Runner.name}: {message}") from None
+    check_model_type(runner.model_type)  # a hub id's config is only seen by the loader
     return SageModel(runner, model)
 
 
