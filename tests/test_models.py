@@ -128,20 +128,23 @@ def test_full_matches_transformers_generate(checkpoints, models, family):
     assert ours.tokens == expected
 
 
-@needs_torch
-def test_positions_continue_after_eviction(models):
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_positions_continue_after_eviction(models, backend):
     """Decode steps after eviction use RoPE positions N, N+1, ... (not the shrunken length)."""
-    model = models("llama", "torch")
+    model = models("llama", backend)
     run = model.runner
     ids = run.encode(PROMPT)
     cache = run.new_cache()
     run.prefill(ids[:-1], cache)
     run.forward(ids[-1:], cache)
     run.compress(cache, sagekv.SageKV(BUDGET))
-    assert cache.get_seq_length() == len(ids)
+    position = (lambda: cache[0].offset) if backend == "mlx" else cache.get_seq_length  # what RoPE reads
+    layer = cache[0] if backend == "mlx" else cache.layers[0]
+    assert position() == len(ids) and layer.decoder.length == len(ids)
     run.forward([65], cache)
-    assert cache.get_seq_length() == len(ids) + 1
-    assert cache.layers[0].decoder.shared_positions.max() == len(ids)
+    assert position() == len(ids) + 1
+    assert layer.decoder.shared_positions.max() == len(ids)
+    assert layer.decoder.shared_k.shape[2] == layer.decoder.layout.sink + layer.decoder.layout.recent + 1
 
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
