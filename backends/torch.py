@@ -188,10 +188,10 @@ class Runner:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[dtype] if dtype else "auto", attn_implementation=ATTENTION
         ).to(self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model.eval()
         self.num_layers = self.model.config.num_hidden_layers
         self.model_type = self.model.config.model_type

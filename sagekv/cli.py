@@ -135,6 +135,7 @@ def eval_command(backend, model_path, task_list, lengths, policies, budgets, sam
 def main(argv=None) -> int:
     """Entry point: bad input ends with one ``error:`` line and a non-zero exit, no traceback."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no loader bars in our output
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # nor download retry warnings: the error line says it
     try:
         cli.main(args=argv, prog_name="sagekv", standalone_mode=False)
     except SageKVError as error:
