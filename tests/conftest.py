@@ -32,11 +32,18 @@ def to_library(array, library):
 
 
 def to_numpy(array):
+    """As numpy; half-precision floats come back as float32 (numpy has no bfloat16)."""
     if type(array).__module__.startswith("mlx"):
-        return np.array(array)
+        import mlx.core as mx
+
+        return np.array(array.astype(mx.float32) if array.dtype in (mx.bfloat16, mx.float16) else array)
     if type(array).__module__.startswith("torch"):
-        return array.detach().cpu().numpy()
-    return np.asarray(array)
+        import torch
+
+        half = array.dtype in (torch.bfloat16, torch.float16)
+        return (array.float() if half else array).detach().cpu().numpy()
+    array = np.asarray(array)
+    return array.astype(np.float32) if array.dtype == np.float16 else array
 
 
 LIBRARIES = ["numpy", "mlx", "torch"]

@@ -65,3 +65,37 @@ def test_one_token_per_step_after_eviction():
 def test_nothing_to_evict_returns_none():
     keys = np.zeros((1, 2, 20, 4))
     assert CompactKV.from_prefill(sagekv.SageKV(19), ops_for(keys), np.zeros((4, 1, 4)), keys, keys) is None
+
+
+@pytest.mark.parametrize("library,dtype", [("torch", "bfloat16"), ("torch", "float16"), ("mlx", "bfloat16"), ("numpy", "float16")])
+@pytest.mark.parametrize("policy", [sagekv.SageKV(24), sagekv.SageKV(24, group="kv_head")], ids=["query_head", "kv_head"])
+def test_half_precision_decode_is_close(library, dtype, policy):
+    """Production dtypes: scores and softmax run in float32, the output comes back in the cache dtype."""
+    rng = np.random.default_rng(5)
+    hq, hkv, d, n = 8, 2, 16, 80
+    keys, values = rng.standard_normal((1, hkv, n + 1, d)), rng.standard_normal((1, hkv, n + 1, d))
+    queries = rng.standard_normal((2, hq, d))
+
+    def cast(x):
+        x = to_library(x.astype(np.float32), library)
+        if library == "torch":
+            import torch
+
+            return x.to(getattr(torch, dtype))
+        if library == "mlx":
+            import mlx.core as mx
+
+            return x.astype(getattr(mx, dtype))
+        return x.astype(dtype)
+
+    cache = CompactKV.from_prefill(policy, ops_for(cast(keys)), cast(queries[0][:, None]), cast(keys[:, :, :n]), cast(values[:, :, :n]))
+    cache.append(cast(keys[:, :, n:]), cast(values[:, :, n:]))
+    out = cache.attend(cast(queries[1][None, :, None]), d**-0.5)
+    assert str(out.dtype).endswith(dtype)
+    out = to_numpy(out)[0, :, 0]
+    kept = cache.kept()
+    g = hq // hkv
+    for h in range(hq):
+        row = h if cache.layout.groups_per_kv == g else h // g
+        expected = masked_attention(queries[1, h], keys[0, h // g], values[0, h // g], list(kept[row]), d**-0.5)
+        np.testing.assert_allclose(out[h], expected, rtol=3e-2, atol=3e-2)
