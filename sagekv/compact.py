@@ -82,16 +82,9 @@ class CompactKV:
             raise SageKVError("after eviction the cache takes one token per step")
         if not self.per_head:
             return ops.attention(queries, self.shared_k, self.shared_v, scale)
-        g = hq // hkv
-        q = queries.reshape(1, hkv, g, d)
-        shared_logits = q @ self.shared_k.swapaxes(-1, -2)  # [1, Hkv, G, S+R+1]
-        selected_logits = (q[:, :, :, None] @ self.selected_k.swapaxes(-1, -2)).reshape(1, hkv, g, -1)
-        probs = ops.softmax(ops.concat([shared_logits, selected_logits], axis=-1) * scale)
-        shared = self.shared_k.shape[2]
-        out = ops.astype_like(probs[..., :shared], self.shared_v) @ self.shared_v
-        p_selected = ops.astype_like(probs[..., shared:], self.selected_v)[:, :, :, None]
-        out = out + (p_selected @ self.selected_v).reshape(out.shape)
-        return ops.astype_like(out.reshape(1, hq, 1, d), queries)
+        q = queries.reshape(1, hkv, hq // hkv, d) * scale
+        out = two_part_attention(ops, q, self.shared_k, self.shared_v, self.selected_k, self.selected_v)
+        return out.reshape(1, hq, 1, d)
 
     def kept(self):
         """Positions each row attends to now, sorted: [rows, S+k+R+1] (numpy)."""
@@ -109,3 +102,16 @@ class CompactKV:
     @property
     def nbytes(self) -> int:
         return sum(self.ops.nbytes(a) for a in self.arrays)
+
+
+def two_part_attention(ops, q, shared_k, shared_v, selected_k, selected_v):
+    """Attention of scaled queries q [1, Hkv, G, D] over each KV head's shared entries and each
+    query head's own selected entries [1, Hkv, G, k, D], normalised by one softmax."""
+    shared_logits = q @ shared_k.swapaxes(-1, -2)  # [1, Hkv, G, S+R+1]
+    selected_logits = (q[:, :, :, None] @ selected_k.swapaxes(-1, -2))[:, :, :, 0]  # [1, Hkv, G, k]
+    probs = ops.softmax(ops.concat([shared_logits, selected_logits], axis=-1))
+    shared = shared_k.shape[2]
+    out = ops.astype_like(probs[..., :shared], shared_v) @ shared_v
+    p_selected = ops.astype_like(probs[..., shared:], selected_v)[:, :, :, None]
+    out = out + (p_selected @ selected_v)[:, :, :, 0]
+    return ops.astype_like(out, q)
