@@ -123,7 +123,8 @@ class SageModel:
         return self.generate_ids(self.runner.encode(prompt), policy, max_tokens, prefill_chunk)
 
     def generate_ids(self, ids: list, policy, max_tokens: int, prefill_chunk: int = PREFILL_CHUNK) -> Result:
-        return self.decode(self.prefill(ids, policy.observed_queries, prefill_chunk), policy, max_tokens)
+        prefilled = self.prefill(ids, policy.observed_queries, prefill_chunk)
+        return self.decode(prefilled, policy, max_tokens, keep_prefill=False)
 
     def prefill(self, ids: list, observed_queries: int = 1, prefill_chunk: int = PREFILL_CHUNK) -> "Prefilled":
         """Full-attention prefill; the result can be decoded under several policies."""
@@ -136,10 +137,16 @@ class SageModel:
         run.sync()
         return Prefilled(cache, logits, len(ids), run.kv_bytes(cache), time.perf_counter() - start)
 
-    def decode(self, prefilled: "Prefilled", policy, max_tokens: int) -> Result:
-        """Select with ``policy`` on a copy of the prefilled cache, then decode greedily."""
+    def decode(self, prefilled: "Prefilled", policy, max_tokens: int, keep_prefill: bool = True) -> Result:
+        """Select with ``policy``, then decode greedily.
+
+        ``keep_prefill``: work on a copy so ``prefilled`` can serve other policies; otherwise its
+        cache is consumed and the evicted entries are freed before decoding.
+        """
         run = self.runner
-        cache = run.clone_cache(prefilled.cache)
+        cache = run.clone_cache(prefilled.cache) if keep_prefill else prefilled.cache
+        if not keep_prefill:
+            prefilled.cache = None
         start = time.perf_counter()
         run.compress(cache, policy)
         run.sync()
@@ -163,7 +170,7 @@ class SageModel:
 
 @dataclass
 class Prefilled:
-    """A prompt's full cache and last logits after prefill (left untouched by decoding)."""
+    """A prompt's full cache and last logits after prefill."""
 
     cache: object
     logits: object

@@ -161,3 +161,16 @@ def test_one_prefill_serves_many_policies(models, backend):
         assert shared.tokens == alone.tokens, policy
         assert same_kept(shared.kept_positions, alone.kept_positions)
     assert model.runner.kv_bytes(prefilled.cache) == before
+
+
+def test_generate_frees_the_evicted_entries(models):
+    import gc
+    import weakref
+
+    model = models("llama", "torch")
+    prefilled = model.prefill(model.runner.encode(PROMPT))
+    full_keys = weakref.ref(prefilled.cache.layers[0].keys)
+    kept = model.decode(prefilled, sagekv.SageKV(BUDGET), 4, keep_prefill=False)
+    gc.collect()
+    assert full_keys() is None and prefilled.cache is None
+    assert kept.stats.kept_kv_bytes < kept.stats.full_kv_bytes
