@@ -18,6 +18,7 @@ from . import longbench, tasks
 from .errors import SageKVError
 from .policies import make_policy
 
+AS_GIVEN = 0  # the "length" of LongBench samples: one cell per dataset, whatever each prompt's length
 STAT_FIELDS = ("prefill_s", "select_s", "decode_s", "decode_tokens_per_s", "full_kv_bytes", "kept_kv_bytes")
 
 
@@ -48,7 +49,7 @@ def longbench_cases(path: str, samples: int, encode) -> list:
         prompt = longbench.prompt_for(dataset, record["context"], record["input"])
         score = lambda text, r=record: longbench.score(r["dataset"], text, r["answers"], r.get("all_classes"))  # noqa: E731
         answer = record["answers"][0] if record["answers"] else ""
-        cases.append(Case(dataset, len(encode(prompt)), index, prompt, answer, longbench.DATASETS[dataset][1], score))
+        cases.append(Case(dataset, AS_GIVEN, index, prompt, answer, longbench.DATASETS[dataset][1], score))
     return cases
 
 
@@ -187,7 +188,7 @@ def summary_markdown(metrics: list, title: str) -> str:
         for m in metrics:
             if m["task"] == task:
                 rows[(m["policy"], m["budget"])][m["length"]] = m
-        lines += [f"## {task}", "", "| policy | budget | " + " | ".join(f"{n} tokens" for n in lengths) + " | n |",
+        lines += [f"## {task}", "", "| policy | budget | " + " | ".join(length_label(n) for n in lengths) + " | n |",
                   "|---|---|" + "---|" * len(lengths) + "---|"]
         for (policy, budget), by_length in sorted(rows.items(), key=lambda kv: (kv[0][0] != "full", kv[0][0], kv[0][1] or 0)):
             cells = [f"{by_length[n]['accuracy']:.3f}" if n in by_length else "" for n in lengths]
@@ -202,6 +203,10 @@ def summary_markdown(metrics: list, title: str) -> str:
                      f"{m['full_kv_bytes'] / 2**20:.2f} | {m['kept_kv_bytes'] / 2**20:.2f} | {m['prefill_s']:.3f} | "
                      f"{m['select_s'] * 1e3:.2f} | {m['decode_tokens_per_s']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def length_label(length: int) -> str:
+    return "file lengths" if length == AS_GIVEN else f"{length} tokens"
 
 
 def plot(metrics: list, path: str) -> None:
@@ -225,7 +230,7 @@ def plot(metrics: list, path: str) -> None:
                 ax.axhline(m["accuracy"], color="black", linestyle="--", label="full")
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{task} @ {length}")
+        ax.set_title(f"{task} @ {length_label(length)}")
         ax.set_xlabel("KV budget per KV head")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)

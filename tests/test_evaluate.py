@@ -89,6 +89,9 @@ def test_eval_grid_resume_and_reports(tiny_models, tmp_path):
     assert json.load(open(os.path.join(out, "metrics.json"))) == metrics
     summary = open(os.path.join(out, "summary.md")).read()
     assert "## single_needle" in summary and "| sagekv | 64 |" in summary and "## hotpotqa" in summary
+    assert "file lengths" in summary  # LongBench records form one cell per dataset
+    assert {m["n"] for m in metrics if m["task"] == "hotpotqa"} == {1} and all(
+        m["length"] == 0 for m in metrics if m["task"] in ("hotpotqa", "passage_retrieval_en"))
     assert os.path.getsize(os.path.join(out, "accuracy_vs_budget.png")) > 10_000
 
     # a re-run skips everything; an interrupted run (last line cut, one line lost) redoes only that
