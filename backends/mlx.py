@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from ..errors import SageKVError
 from ..selection import last_queries
 
 
@@ -189,6 +190,8 @@ class Runner:
         from mlx_lm import load
 
         if device is not None:
+            if device not in ("cpu", "gpu"):
+                raise SageKVError(f"MLX devices are 'cpu' and 'gpu', got {device!r}")
             mx.set_default_device(mx.cpu if device == "cpu" else mx.gpu)
         self.model, self.tokenizer = load(path, model_config=_rope_overrides(config))
         if dtype is not None:

@@ -147,6 +147,9 @@ def main(argv=None) -> int:
     except click.Abort:
         click.echo("error: aborted", err=True)
         return 1
+    except OSError as error:  # the file system refused (a path that is a file, no permission, disk full)
+        click.echo(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)
+        return 1
     return 0
 
 

@@ -69,6 +69,7 @@ def write(path, text):
         ("negative max tokens", "--max-tokens must be >= 0"),
         ("missing budget", "--budget is required"),
         ("no model", "no model given and the bundled reference model is not installed"),
+        ("unknown mlx device", "MLX devices are 'cpu' and 'gpu'"),
     ],
 )
 def test_bad_input_gives_one_line(case, message, tmp_path, checkpoint):
@@ -99,6 +100,7 @@ def test_bad_input_gives_one_line(case, message, tmp_path, checkpoint):
         "negative max tokens": base + ["--max-tokens", "-1"],
         "missing budget": ["run", "--model", checkpoint, "--prompt", "hi"],
         "no model": ["run", "--budget", "8", "--prompt", "hi"],
+        "unknown mlx device": base + ["--backend", "mlx", "--device", "banana"],
     }[case]
     out = sagekv(*args)
     assert out.returncode != 0

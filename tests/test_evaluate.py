@@ -124,6 +124,7 @@ def test_eval_refuses_another_models_directory(tiny_models, tmp_path):
         (["--seed", "999999", "--samples", "5"], "evaluation seeds must lie in"),
         (["--samples", "0"], "--samples must be >= 1"),
         (["--tasks", "longbench:/no/such/file.jsonl"], "cannot read /no/such/file.jsonl"),
+        (["--out", __file__], "File exists"),
     ],
 )
 def test_eval_cli_bad_input(tiny_checkpoints, tmp_path, extra, message):
