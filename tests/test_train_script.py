@@ -93,6 +93,8 @@ def test_train_save_resume_and_reload(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.num_key_value_heads == 1 and model.config.vocab_size == 258
+    card = (out / "model" / "README.md").read_text()
+    assert f"{second['step']} optimizer steps" in card and "| single_needle |" in card and "not a chat" in card
     if HAVE_MLX:  # plain mlx-lm must read the same RoPE base
         from mlx_lm import load
 
