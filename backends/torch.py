@@ -12,7 +12,6 @@ import contextlib
 import copy
 import contextvars
 
-import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer

@@ -77,7 +77,7 @@ class CompactKV:
     def attend(self, queries, scale):
         """Attention of one query token [1, Hq, 1, D] over the kept entries."""
         ops, hkv = self.ops, self.layout.kv_heads
-        b, hq, length, d = queries.shape
+        _, hq, length, d = queries.shape
         if length != 1:
             raise SageKVError("after eviction the cache takes one token per step")
         if not self.per_head:

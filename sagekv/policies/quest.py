@@ -85,7 +85,7 @@ class QuestKV:
 
     def attend(self, queries, scale):
         ops, t = self.ops, self.length
-        b, hq, _, d = queries.shape
+        _, hq, _, d = queries.shape
         hkv = self.keys.shape[1]
         pages = -(-t // self.page)
         if pages - 1 <= self.pages_per_step:  # every page fits the budget
