@@ -174,3 +174,21 @@ def test_generate_frees_the_evicted_entries(models):
     gc.collect()
     assert full_keys() is None and prefilled.cache is None
     assert kept.stats.kept_kv_bytes < kept.stats.full_kv_bytes
+
+
+@needs_mlx
+@needs_torch
+def test_llama3_rope_scaling_agrees(tmp_path):
+    """Llama-3.1 checkpoints nest their RoPE scaling in rope_parameters (transformers 5)."""
+    from sagekv.checkpoints import make_tiny_checkpoint
+    from sagekv.tasks import generate
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+    path = make_tiny_checkpoint(tmp_path / "llama3", "llama", seed=1, rope_parameters=rope, rope_theta=None)
+    prompt = generate("single_needle", 1500, 0).prompt
+    models = {b: sagekv.load(path, backend=b, device="cpu", dtype="float32") for b in ("mlx", "torch")}
+    ids = models["torch"].runner.encode(prompt)
+    np.testing.assert_allclose(prefill_logits(models["mlx"], ids, 512), prefill_logits(models["torch"], ids, 512), rtol=1e-4, atol=1e-4)
+    results = [m.generate(prompt, policy=sagekv.SageKV(64), max_tokens=12) for m in models.values()]
+    assert results[0].tokens == results[1].tokens and same_kept(results[0].kept_positions, results[1].kept_positions)
