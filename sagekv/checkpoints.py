@@ -65,7 +65,7 @@ def tiny_config(family: str, **overrides):
         intermediate_size=128,
         num_hidden_layers=2,
         max_position_embeddings=4096,
-        rope_theta=10000.0,
+        rope_theta=500000.0,  # not mlx-lm's default, so the nested rope_parameters must be read
         initializer_range=0.2,
         tie_word_embeddings=False,
         bos_token_id=BYTE_VOCAB,
