@@ -193,19 +193,14 @@ class Runner:
             if device not in ("cpu", "gpu"):
                 raise SageKVError(f"MLX devices are 'cpu' and 'gpu', got {device!r}")
             mx.set_default_device(mx.cpu if device == "cpu" else mx.gpu)
-        self.model, self.tokenizer = load(path, model_config=_rope_overrides(config))
+        self.model, wrapper = load(path, model_config=_rope_overrides(config))
+        self.tokenizer = wrapper._tokenizer  # the Hugging Face tokenizer mlx-lm wraps
         if dtype is not None:
             self.model.set_dtype(getattr(mx, dtype))
         install_attention(self.model)
         self.num_layers = len(self.model.layers)
         self.model_type = config.get("model_type", self.model.model_type)
-        self.eos_ids = set(self.tokenizer.eos_token_ids or [])
-
-    def encode(self, text):
-        return list(self.tokenizer.encode(text))
-
-    def decode(self, ids):
-        return self.tokenizer.decode(ids)
+        self.eos_ids = set(wrapper.eos_token_ids or [])
 
     def new_cache(self, observed_queries: int = 1):
         return [SageKVCache(observed_queries) for _ in self.model.layers]

@@ -197,12 +197,6 @@ class Runner:
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
-    def encode(self, text):
-        return list(self.tokenizer.encode(text))
-
-    def decode(self, ids):
-        return self.tokenizer.decode(ids)
-
     def new_cache(self, observed_queries: int = 1):
         return SageCache(self.num_layers, observed_queries)
 

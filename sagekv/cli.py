@@ -29,8 +29,9 @@ def cli():
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--device", default=None, help="torch device (cpu, cuda, cuda:1) or mlx device (cpu, gpu).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Default: the checkpoint's.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template (instruct models).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, device, dtype, as_json):
+def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, device, dtype, chat, as_json):
     """Generate from a prompt with a KV-cache policy and report memory and timing."""
     if prompt is not None and prompt_file is not None:
         raise SageKVError("give either --prompt or --prompt-file, not both")
@@ -48,7 +49,7 @@ def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, de
         raise SageKVError(f"--max-tokens must be >= 0, got {max_tokens}")
     chosen = make_policy(policy, budget)
     model = load(model_path, backend=backend, device=device, dtype=dtype)
-    result = model.generate(prompt, policy=chosen, max_tokens=max_tokens)
+    result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat)
     s = result.stats
     if as_json:
         click.echo(json.dumps(json_record(result, model, policy, budget)))

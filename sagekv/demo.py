@@ -31,13 +31,13 @@ class Example:
 
 def run_example(model, policy, max_tokens: int = 16) -> Example:
     sample = tasks.generate(TASK, LENGTH, SEED)
-    ids = model.runner.encode(sample.prompt)
+    ids = model.encode(sample.prompt)
     prefilled = model.prefill(ids, policy.observed_queries)
     full = model.decode(prefilled, Full(), max_tokens)
     evicted = model.decode(prefilled, policy, max_tokens)
     start = sample.prompt.index(sample.answer)
-    first = len(model.runner.encode(sample.prompt[:start]))
-    last = len(model.runner.encode(sample.prompt[: start + len(sample.answer)]))
+    first = len(model.encode(sample.prompt[:start]))
+    last = len(model.encode(sample.prompt[: start + len(sample.answer)]))
     return Example(sample, full, evicted, list(range(first, last)))
 
 

@@ -67,7 +67,7 @@ def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: li
     """Run the grid, append to ``out/predictions.jsonl``, write the summaries; returns metrics."""
     grid = cells(policies, budgets)
     check_tasks(task_specs, lengths)
-    encode = model.runner.encode
+    encode = model.encode
     cases = []
     for spec in task_specs:
         if spec.startswith("longbench:"):
@@ -90,7 +90,7 @@ def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: li
             pending = [cell for c, cell in todo if c is case]
             if not pending:
                 continue
-            prefilled = model.prefill(model.runner.encode(case.prompt), window)
+            prefilled = model.prefill(model.encode(case.prompt), window)
             for name, budget, policy in pending:
                 result = model.decode(prefilled, policy, case.max_tokens)
                 record = {**key_of(case, (name, budget, policy)), "prediction": result.text, "answer": case.answer,

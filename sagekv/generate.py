@@ -109,8 +109,26 @@ class SageModel:
         self.runner, self.name = runner, name
         self.backend = runner.name
 
-    def generate(self, prompt: str, policy=None, max_tokens: int = 64, prefill_chunk: int = PREFILL_CHUNK) -> Result:
-        """Greedy generation of up to ``max_tokens`` tokens (stops early at end-of-sequence)."""
+    def encode(self, text: str, chat: bool = False) -> list:
+        """Token ids of ``text``, or of a one-turn chat asking it with the model's chat template."""
+        tokenizer = self.runner.tokenizer
+        if not chat:
+            return list(tokenizer.encode(text))
+        if not getattr(tokenizer, "chat_template", None):
+            raise SageKVError(f"{self.name} has no chat template; run without chat")
+        messages = [{"role": "user", "content": text}]
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer.encode(rendered, add_special_tokens=False))  # the template writes its own <bos>
+
+    def decode_text(self, ids: list) -> str:
+        return self.runner.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, prompt: str, policy=None, max_tokens: int = 64, prefill_chunk: int = PREFILL_CHUNK,
+                 chat: bool = False) -> Result:
+        """Greedy generation of up to ``max_tokens`` tokens (stops early at end-of-sequence).
+
+        ``chat``: wrap the prompt in the model's chat template as one user turn.
+        """
         policy = Full() if policy is None else policy
         if not isinstance(policy, Policy):
             raise SageKVError(f"policy must be a sagekv policy such as sagekv.SageKV(budget), got {policy!r}")
@@ -120,7 +138,7 @@ class SageModel:
             raise SageKVError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise SageKVError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
-        return self.generate_ids(self.runner.encode(prompt), policy, max_tokens, prefill_chunk)
+        return self.generate_ids(self.encode(prompt, chat), policy, max_tokens, prefill_chunk)
 
     def generate_ids(self, ids: list, policy, max_tokens: int, prefill_chunk: int = PREFILL_CHUNK) -> Result:
         prefilled = self.prefill(ids, policy.observed_queries, prefill_chunk)
@@ -165,7 +183,7 @@ class SageModel:
         decode_s = time.perf_counter() - start
         steps = max(len(tokens) - 1, 0)
         stats = Stats(prefilled.full_kv_bytes, kept_bytes, prefilled.seconds, select_s, decode_s, steps / decode_s if steps else 0.0)
-        return Result(run.decode(tokens), tokens, prefilled.prompt_tokens, stats, kept if any(k is not None for k in kept) else None)
+        return Result(self.decode_text(tokens), tokens, prefilled.prompt_tokens, stats, kept if any(k is not None for k in kept) else None)
 
 
 @dataclass

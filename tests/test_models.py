@@ -47,8 +47,8 @@ POLICIES = [
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mlx_and_torch_agree(models, family):
     mlx_model, torch_model = models(family, "mlx"), models(family, "torch")
-    ids = torch_model.runner.encode(PROMPT)
-    assert ids == mlx_model.runner.encode(PROMPT)
+    ids = torch_model.encode(PROMPT)
+    assert ids == mlx_model.encode(PROMPT)
     a, b = prefill_logits(mlx_model, ids, 64), prefill_logits(torch_model, ids, 64)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     for policy in POLICIES:
@@ -64,7 +64,7 @@ def test_mlx_and_torch_agree(models, family):
 def test_budget_at_least_prompt_equals_full(models, family, backend):
     pytest.importorskip("mlx_lm" if backend == "mlx" else "torch")
     model = models(family, backend)
-    n = len(model.runner.encode(PROMPT))
+    n = len(model.encode(PROMPT))
     full = model.generate(PROMPT, policy=sagekv.Full(), max_tokens=24)
     for budget in (n - 1, n, 4 * n):
         kept = model.generate(PROMPT, policy=sagekv.SageKV(budget), max_tokens=24)
@@ -79,7 +79,7 @@ def test_budget_at_least_prompt_equals_full(models, family, backend):
 def test_chunked_prefill_equals_one_shot(models, family, backend):
     pytest.importorskip("mlx_lm" if backend == "mlx" else "torch")
     model = models(family, backend)
-    ids = model.runner.encode(PROMPT)
+    ids = model.encode(PROMPT)
     one_shot = prefill_logits(model, ids, 10_000)
     for chunk in (1, 7, 32):
         np.testing.assert_allclose(prefill_logits(model, ids, chunk), one_shot, rtol=1e-4, atol=1e-4)
@@ -96,7 +96,7 @@ def test_kept_bytes_are_the_bytes_held(models, backend):
     pytest.importorskip("mlx_lm" if backend == "mlx" else "torch")
     model = models("llama", backend)
     run = model.runner
-    ids = run.encode(PROMPT)
+    ids = model.encode(PROMPT)
     cache = run.new_cache()
     run.prefill(ids[:-1], cache)
     run.forward(ids[-1:], cache)
@@ -119,7 +119,7 @@ def test_full_matches_transformers_generate(checkpoints, models, family):
 
     ours = models(family, "torch").generate(PROMPT, policy=sagekv.Full(), max_tokens=20)
     reference = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.float32, attn_implementation="sdpa")
-    ids = torch.tensor([models(family, "torch").runner.encode(PROMPT)])
+    ids = torch.tensor([models(family, "torch").encode(PROMPT)])
     out = reference.generate(ids, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(ids))
     expected = out[0, ids.shape[1] :].tolist()
     eos = reference.generation_config.eos_token_id
@@ -133,7 +133,7 @@ def test_positions_continue_after_eviction(models, backend):
     """Decode steps after eviction use RoPE positions N, N+1, ... (not the shrunken length)."""
     model = models("llama", backend)
     run = model.runner
-    ids = run.encode(PROMPT)
+    ids = model.encode(PROMPT)
     cache = run.new_cache()
     run.prefill(ids[:-1], cache)
     run.forward(ids[-1:], cache)
@@ -150,7 +150,7 @@ def test_positions_continue_after_eviction(models, backend):
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_one_prefill_serves_many_policies(models, backend):
     model = models("llama", backend)
-    ids = model.runner.encode(PROMPT)
+    ids = model.encode(PROMPT)
     policies = [sagekv.SageKV(BUDGET), sagekv.Full(), sagekv.SnapKV(BUDGET, window=8), sagekv.Quest(32, page=8, dense_layers=1)]
     window = max(p.observed_queries for p in policies)
     prefilled = model.prefill(ids, window)
@@ -168,7 +168,7 @@ def test_generate_frees_the_evicted_entries(models):
     import weakref
 
     model = models("llama", "torch")
-    prefilled = model.prefill(model.runner.encode(PROMPT))
+    prefilled = model.prefill(model.encode(PROMPT))
     full_keys = weakref.ref(prefilled.cache.layers[0].keys)
     kept = model.decode(prefilled, sagekv.SageKV(BUDGET), 4, keep_prefill=False)
     gc.collect()
@@ -188,7 +188,28 @@ def test_llama3_rope_scaling_agrees(tmp_path):
     path = make_tiny_checkpoint(tmp_path / "llama3", "llama", seed=1, rope_parameters=rope, rope_theta=None)
     prompt = generate("single_needle", 1500, 0).prompt
     models = {b: sagekv.load(path, backend=b, device="cpu", dtype="float32") for b in ("mlx", "torch")}
-    ids = models["torch"].runner.encode(prompt)
+    ids = models["torch"].encode(prompt)
     np.testing.assert_allclose(prefill_logits(models["mlx"], ids, 512), prefill_logits(models["torch"], ids, 512), rtol=1e-4, atol=1e-4)
     results = [m.generate(prompt, policy=sagekv.SageKV(64), max_tokens=12) for m in models.values()]
     assert results[0].tokens == results[1].tokens and same_kept(results[0].kept_positions, results[1].kept_positions)
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_chat_template(tmp_path, backend):
+    pytest.importorskip("mlx_lm" if backend == "mlx" else "torch")
+    from transformers import AutoTokenizer
+
+    from sagekv.checkpoints import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "chat", "llama", seed=2)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = "<s>{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    tokenizer.save_pretrained(path)
+    model = sagekv.load(path, backend=backend, device="cpu", dtype="float32")
+    ids = model.encode("What is 2+2?", chat=True)
+    assert ids == [256] + list(b"[user] What is 2+2?\n[assistant] ")  # one <s>, written by the template
+    result = model.generate("What is 2+2?", policy=sagekv.SageKV(8), max_tokens=3, chat=True)
+    assert result.prompt_tokens == len(ids)
+    plain = sagekv.load(make_tiny_checkpoint(tmp_path / "plain", "llama"), backend=backend, device="cpu")
+    with pytest.raises(sagekv.SageKVError, match="has no chat template"):
+        plain.generate("hi", chat=True)
