@@ -49,12 +49,22 @@ def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, de
         raise SageKVError(f"--max-tokens must be >= 0, got {max_tokens}")
     chosen = make_policy(policy, budget)
     model = load(model_path, backend=backend, device=device, dtype=dtype)
-    result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat)
-    s = result.stats
     if as_json:
+        result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat)
         click.echo(json.dumps(json_record(result, model, policy, budget)))
         return
-    click.echo(result.text)
+    shown = ""
+
+    def show(tokens):  # print the text as it grows, holding back a character cut mid-sequence
+        nonlocal shown
+        text = model.decode_text(tokens)
+        if not text.endswith("\ufffd") and text.startswith(shown):
+            click.echo(text[len(shown):], nl=False)
+            shown = text
+
+    result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat, on_token=show)
+    click.echo(result.text[len(shown):] if result.text.startswith(shown) else "\n" + result.text)
+    s = result.stats
     click.echo(
         f"[{model.backend} | {policy}{'' if policy == 'full' else f' budget {budget}'} | "
         f"prompt {result.prompt_tokens} tokens | KV {s.full_kv_bytes / 2**20:.2f} MiB -> {s.kept_kv_bytes / 2**20:.2f} MiB | "

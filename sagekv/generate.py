@@ -124,10 +124,11 @@ class SageModel:
         return self.runner.tokenizer.decode(ids, skip_special_tokens=True)
 
     def generate(self, prompt: str, policy=None, max_tokens: int = 64, prefill_chunk: int = PREFILL_CHUNK,
-                 chat: bool = False) -> Result:
+                 chat: bool = False, on_token=None) -> Result:
         """Greedy generation of up to ``max_tokens`` tokens (stops early at end-of-sequence).
 
-        ``chat``: wrap the prompt in the model's chat template as one user turn.
+        ``chat``: wrap the prompt in the model's chat template as one user turn. ``on_token``: called
+        with the tokens generated so far after each new one (for streaming output).
         """
         policy = Full() if policy is None else policy
         if not isinstance(policy, Policy):
@@ -138,11 +139,11 @@ class SageModel:
             raise SageKVError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise SageKVError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
-        return self.generate_ids(self.encode(prompt, chat), policy, max_tokens, prefill_chunk)
+        return self.generate_ids(self.encode(prompt, chat), policy, max_tokens, prefill_chunk, on_token)
 
-    def generate_ids(self, ids: list, policy, max_tokens: int, prefill_chunk: int = PREFILL_CHUNK) -> Result:
+    def generate_ids(self, ids: list, policy, max_tokens: int, prefill_chunk: int = PREFILL_CHUNK, on_token=None) -> Result:
         prefilled = self.prefill(ids, policy.observed_queries, prefill_chunk)
-        return self.decode(prefilled, policy, max_tokens, keep_prefill=False)
+        return self.decode(prefilled, policy, max_tokens, keep_prefill=False, on_token=on_token)
 
     def prefill(self, ids: list, observed_queries: int = 1, prefill_chunk: int = PREFILL_CHUNK) -> "Prefilled":
         """Full-attention prefill; the result can be decoded under several policies."""
@@ -155,7 +156,7 @@ class SageModel:
         run.sync()
         return Prefilled(cache, logits, len(ids), run.kv_bytes(cache), time.perf_counter() - start)
 
-    def decode(self, prefilled: "Prefilled", policy, max_tokens: int, keep_prefill: bool = True) -> Result:
+    def decode(self, prefilled: "Prefilled", policy, max_tokens: int, keep_prefill: bool = True, on_token=None) -> Result:
         """Select with ``policy``, then decode greedily.
 
         ``keep_prefill``: work on a copy so ``prefilled`` can serve other policies; otherwise its
@@ -177,6 +178,8 @@ class SageModel:
         token = run.argmax(prefilled.logits)  # the first token comes from the full-attention prefill
         while len(tokens) < max_tokens and token not in run.eos_ids:
             tokens.append(token)
+            if on_token is not None:
+                on_token(tokens)
             if len(tokens) == max_tokens:
                 break
             token = run.argmax(run.forward([token], cache))

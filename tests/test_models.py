@@ -213,3 +213,10 @@ def test_chat_template(tmp_path, backend):
     plain = sagekv.load(make_tiny_checkpoint(tmp_path / "plain", "llama"), backend=backend, device="cpu")
     with pytest.raises(sagekv.SageKVError, match="has no chat template"):
         plain.generate("hi", chat=True)
+
+
+def test_on_token_sees_every_step(models):
+    model = models("llama", "torch")
+    seen = []
+    result = model.generate(PROMPT, policy=sagekv.SageKV(BUDGET), max_tokens=8, on_token=lambda t: seen.append(list(t)))
+    assert seen == [result.tokens[: i + 1] for i in range(len(result.tokens))]
