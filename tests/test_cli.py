@@ -136,3 +136,12 @@ def test_run_without_prompt_shows_the_built_in_example(checkpoint):
     record = json.loads(sagekv("run", "--backend", "torch", "--model", checkpoint, "--json", "--policy", "streaming").stdout)
     assert record["policy"] == {"name": "streaming", "budget": 256} and record["task"] == "multi_key"
     assert record["expected"].isdigit() and record["kv"]["kept_bytes"] < record["kv"]["full_bytes"]
+
+
+@needs_torch
+def test_streamed_text_equals_the_json_text(checkpoint):
+    args = ["run", "--backend", "torch", "--model", checkpoint, "--budget", "16", "--max-tokens", "20",
+            "--prompt", "the streamed text is the whole text " * 3]
+    streamed = sagekv(*args)
+    record = json.loads(sagekv(*args, "--json").stdout)
+    assert streamed.returncode == 0 and streamed.stdout == record["text"] + "\n"
