@@ -1,6 +1,7 @@
 """Accuracy against KV budget: every (task, length, policy, budget) cell on one model.
 
-Each sample is prefilled once and decoded under every policy from a copy of that cache.
+Each sample is prefilled once and decoded under every policy from a copy of that cache; for
+single answers decoding stops as soon as the score is decided (the prediction is then cut there).
 Results go to a directory: ``predictions.jsonl`` (one line per sample and cell, appended as
 they finish, so a re-run skips what is done), ``metrics.json``, ``summary.md`` and
 ``accuracy_vs_budget.png``.
@@ -12,6 +13,7 @@ import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 from . import longbench, tasks
@@ -31,6 +33,8 @@ class Case:
     answer: str
     max_tokens: int
     score: Callable[[str], float]
+    decided: Optional[Callable[[str], bool]] = None
+    """For single answers: whether the text so far already fixes the score (decoding may stop)."""
 
 
 def synthetic_cases(task: str, length: int, samples: int, seed: int, encode) -> list:
@@ -38,8 +42,16 @@ def synthetic_cases(task: str, length: int, samples: int, seed: int, encode) -> 
     for s in range(seed, seed + samples):
         sample = tasks.generate(task, length, s)
         budget = len(encode(sample.answer)) + 4
-        cases.append(Case(task, length, s, sample.prompt, sample.answer, budget, lambda text, x=sample: tasks.score(x, text)))
+        decided = partial(answer_decided, sample.answer) if len(sample.answers) == 1 else None
+        cases.append(Case(task, length, s, sample.prompt, sample.answer, budget,
+                          lambda text, x=sample: tasks.score(x, text), decided))
     return cases
+
+
+def answer_decided(answer: str, text: str) -> bool:
+    """An exact-start answer is decided once the text leaves it, or runs one character past it."""
+    text = text.lstrip()
+    return len(text) > len(answer) or not answer.startswith(text)
 
 
 def longbench_cases(path: str, samples: int, encode) -> list:
@@ -92,7 +104,8 @@ def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: li
                 continue
             prefilled = model.prefill(model.encode(case.prompt), window)
             for name, budget, policy in pending:
-                result = model.decode(prefilled, policy, case.max_tokens)
+                stop = None if case.decided is None else (lambda ids, c=case: c.decided(model.decode_text(ids)))
+                result = model.decode(prefilled, policy, case.max_tokens, on_token=stop)
                 record = {**key_of(case, (name, budget, policy)), "prediction": result.text, "answer": case.answer,
                           "score": case.score(result.text), "prompt_tokens": result.prompt_tokens,
                           **{field: getattr(result.stats, field) for field in STAT_FIELDS}}

@@ -128,7 +128,7 @@ class SageModel:
         """Greedy generation of up to ``max_tokens`` tokens (stops early at end-of-sequence).
 
         ``chat``: wrap the prompt in the model's chat template as one user turn. ``on_token``: called
-        with the tokens generated so far after each new one (for streaming output).
+        with the tokens generated so far after each new one (streaming); returning True stops.
         """
         policy = Full() if policy is None else policy
         if not isinstance(policy, Policy):
@@ -178,8 +178,8 @@ class SageModel:
         token = run.argmax(prefilled.logits)  # the first token comes from the full-attention prefill
         while len(tokens) < max_tokens and token not in run.eos_ids:
             tokens.append(token)
-            if on_token is not None:
-                on_token(tokens)
+            if on_token is not None and on_token(tokens):
+                break
             if len(tokens) == max_tokens:
                 break
             token = run.argmax(run.forward([token], cache))

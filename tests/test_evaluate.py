@@ -9,6 +9,7 @@ import pytest
 
 from sagekv import longbench, tasks
 from sagekv.errors import SageKVError
+from sagekv.policies import make_policy
 
 
 def test_qa_f1():
@@ -147,3 +148,33 @@ def test_eval_gives_the_same_predictions_on_mlx_and_torch(tiny_models, tmp_path)
         runs[backend] = [{k: r[k] for k in ("task", "seed", "policy", "budget", "prediction", "score", "kept_kv_bytes")}
                          for r in map(json.loads, open(os.path.join(out, "predictions.jsonl")))]
     assert runs["mlx"] == runs["torch"]
+
+
+def test_stopping_once_decided_keeps_the_score():
+    import random
+
+    from sagekv.evaluate import answer_decided
+
+    rng = random.Random(0)
+    for task in ("single_needle", "multi_key", "multi_doc_qa", "multi_doc_qa_2hop"):
+        sample = tasks.generate(task, 1024, 3)
+        answer = sample.answer
+        texts = [answer, answer + ".", answer + "9", " " + answer + "\n", answer[:-1], answer[:3] + "x" + answer[4:], ""]
+        texts += ["".join(rng.choice(answer + " .x0") for _ in range(rng.randint(0, len(answer) + 3))) for _ in range(200)]
+        for text in texts:
+            cut = next((i for i in range(1, len(text) + 1) if answer_decided(answer, text[:i])), len(text))
+            assert tasks.score(sample, text[:cut]) == tasks.score(sample, text), (task, text)
+
+
+def test_early_stop_matches_full_generation(tiny_models, tmp_path):
+    from sagekv.evaluate import evaluate
+
+    model = tiny_models("llama", "torch")
+    out = str(tmp_path / "run")
+    evaluate(model, ["single_needle", "multi_value"], [512], ["full", "sagekv"], [64], 2, 0, out, progress=False)
+    for record in map(json.loads, open(os.path.join(out, "predictions.jsonl"))):
+        sample = tasks.generate(record["task"], record["length"], record["seed"])
+        policy = make_policy(record["policy"], record["budget"])
+        full = model.generate_ids(model.encode(sample.prompt), policy, len(model.encode(sample.answer)) + 4)
+        assert record["score"] == tasks.score(sample, full.text)
+        assert full.text.startswith(record["prediction"])
