@@ -23,7 +23,7 @@ def cli():
 @click.option("--backend", type=click.Choice(["mlx", "torch"]), default=None, help="Default: mlx on Apple silicon, else torch.")
 @click.option("--model", "model_path", default=None, help="Local checkpoint directory or Hugging Face id.")
 @click.option("--policy", type=click.Choice(list(NAMED)), default="sagekv", show_default=True)
-@click.option("--budget", type=int, default=None, help="KV entries kept per KV head (sagekv, streaming).")
+@click.option("--budget", type=int, default=None, help="KV entries kept per KV head (every policy but full; 256 for the built-in example).")
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-file", default=None, help="Read the prompt from this file.")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
@@ -32,7 +32,10 @@ def cli():
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template (instruct models).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, device, dtype, chat, as_json):
-    """Generate from a prompt with a KV-cache policy and report memory and timing."""
+    """Generate from a prompt with a KV-cache policy and report memory and timing.
+
+    Without --prompt or --prompt-file: a built-in task example, full attention against the policy.
+    """
     if prompt is not None and prompt_file is not None:
         raise SageKVError("give either --prompt or --prompt-file, not both")
     if prompt_file is not None:
