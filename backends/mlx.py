@@ -22,6 +22,7 @@ from ..selection import last_queries
 
 class MlxOps:
     name = "mlx"
+    xp = mx  # maximum, minimum, sqrt: spelled the same in numpy, MLX and torch
 
     @staticmethod
     def float32(x):
@@ -62,18 +63,6 @@ class MlxOps:
     @staticmethod
     def round(x, decimals):
         return mx.round(x, decimals)
-
-    @staticmethod
-    def sqrt(x):
-        return mx.sqrt(x)
-
-    @staticmethod
-    def maximum(a, b):
-        return mx.maximum(a, b)
-
-    @staticmethod
-    def minimum(a, b):
-        return mx.minimum(a, b)
 
     @staticmethod
     def reduce_max(x, axis):

@@ -26,6 +26,7 @@ _active_cache = contextvars.ContextVar("sagekv_active_cache", default=None)
 
 class TorchOps:
     name = "torch"
+    xp = torch  # maximum, minimum, sqrt: spelled the same in numpy, MLX and torch
 
     @staticmethod
     def float32(x):
@@ -66,18 +67,6 @@ class TorchOps:
     @staticmethod
     def round(x, decimals):
         return torch.round(x, decimals=decimals)
-
-    @staticmethod
-    def sqrt(x):
-        return torch.sqrt(x)
-
-    @staticmethod
-    def maximum(a, b):
-        return torch.maximum(a, b)
-
-    @staticmethod
-    def minimum(a, b):
-        return torch.minimum(a, b)
 
     @staticmethod
     def reduce_max(x, axis):

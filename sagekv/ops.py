@@ -1,8 +1,9 @@
 """The few array operations that differ between numpy, MLX and torch.
 
-Everything else the core needs (``@``, indexing, ``reshape``, ``swapaxes``, ``sum``) is
-spelled the same in all three libraries. The backends define the MLX and torch versions;
-:func:`ops_for` picks one from an array's type without importing a library it was not given.
+Everything else the core needs (``@``, indexing, ``reshape``, ``swapaxes``, ``sum``, and the
+functions of ``ops.xp``, the library's own namespace) is spelled the same in all three. The
+backends define the MLX and torch versions; :func:`ops_for` picks one from an array's type
+without importing a library it was not given.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 
 class NumpyOps:
     name = "numpy"
+    xp = np  # maximum, minimum, sqrt: spelled the same in numpy, MLX and torch
 
     @staticmethod
     def float32(x):
@@ -53,18 +55,6 @@ class NumpyOps:
     @staticmethod
     def round(x, decimals):
         return np.round(x, decimals)
-
-    @staticmethod
-    def sqrt(x):
-        return np.sqrt(x)
-
-    @staticmethod
-    def maximum(a, b):
-        return np.maximum(a, b)
-
-    @staticmethod
-    def minimum(a, b):
-        return np.minimum(a, b)
 
     @staticmethod
     def reduce_max(x, axis):

@@ -121,5 +121,5 @@ def pool(ops, scores, kernel: int, mode: str):
     out = padded[..., :length]
     for shift in range(1, 2 * half + 1):
         window = padded[..., shift : shift + length]
-        out = ops.maximum(out, window) if mode == "max" else out + window
+        out = ops.xp.maximum(out, window) if mode == "max" else out + window
     return out if mode == "max" else out / (2 * half + 1)

@@ -79,8 +79,8 @@ class QuestKV:
         if t % self.page == 0:
             self.page_min[:, :, p : p + 1], self.page_max[:, :, p : p + 1] = key, key
         else:
-            self.page_min[:, :, p : p + 1] = ops.minimum(self.page_min[:, :, p : p + 1], key)
-            self.page_max[:, :, p : p + 1] = ops.maximum(self.page_max[:, :, p : p + 1], key)
+            self.page_min[:, :, p : p + 1] = ops.xp.minimum(self.page_min[:, :, p : p + 1], key)
+            self.page_max[:, :, p : p + 1] = ops.xp.maximum(self.page_max[:, :, p : p + 1], key)
         self.length = t + 1
 
     def attend(self, queries, scale):
@@ -92,14 +92,14 @@ class QuestKV:
             return ops.attention(queries, self.keys[:, :, :t], self.values[:, :, :t], scale)
         q = ops.float32(queries.reshape(hkv, hq // hkv, 1, d))
         low, high = ops.float32(self.page_min[0, :, None, : pages - 1]), ops.float32(self.page_max[0, :, None, : pages - 1])
-        bound = ops.maximum(q * low, q * high).sum(axis=-1)  # [Hkv, G, pages-1]
+        bound = ops.xp.maximum(q * low, q * high).sum(axis=-1)  # [Hkv, G, pages-1]
         chosen = ops.topk_indices(bound, self.pages_per_step)
         current = ops.full((*chosen.shape[:2], 1), pages - 1, like=chosen)
         chosen = ops.concat([chosen, current], axis=-1)  # [Hkv, G, P]
         offsets = ops.arange(0, self.page, like=chosen)
         positions = (chosen[..., None] * self.page + offsets).reshape(hkv, hq // hkv, -1)
         beyond = ops.float32(positions >= t)[:, :, None]  # only the current page runs past the end
-        positions = ops.minimum(positions, ops.full(positions.shape, t - 1, like=positions))
+        positions = ops.xp.minimum(positions, ops.full(positions.shape, t - 1, like=positions))
         head = ops.arange(0, hkv, like=positions).reshape(hkv, 1, 1)
         k, v = self.keys[0][head, positions], self.values[0][head, positions]  # [Hkv, G, L, D]
         logits = ops.float32(ops.astype_like(q, k) @ k.swapaxes(-1, -2)) * scale - 1e30 * beyond

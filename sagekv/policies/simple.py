@@ -46,7 +46,7 @@ class Knorm(TopScores):
 
     def scores(self, ops, queries, keys, layout: Layout):
         k = ops.float32(keys[:, layout.candidates])
-        return -ops.round(ops.sqrt((k * k).sum(axis=-1)), 3)
+        return -ops.round(ops.xp.sqrt((k * k).sum(axis=-1)), 3)
 
 
 @dataclass(frozen=True)
