@@ -4,10 +4,11 @@
     python scripts/train_reference_model.py --out runs/ref --resume              # continue an interrupted run
     python scripts/train_reference_model.py --out runs/ref --resume --minutes 30  # extend a finished one
 
-Trains on a mixture of all tasks with an adaptive length curriculum (512 -> ... -> 8192 tokens, moving on
-when the moving average of the answer loss at the current length falls under --threshold, or when a stage
-has used --stage-share of the budget); about a third of the batches repeat shorter lengths so that short
-contexts are not forgotten. The loss is the mean cross-entropy over answer tokens (the answer and </s>)
+Trains first on the --warmup-tasks alone (the magic-number tasks: retrieving digits needs a circuit that a
+mixture of all tasks may never form), then on a mixture of all tasks, with an adaptive length curriculum
+(512 -> ... -> 8192 tokens). Each stage ends when the moving average of its answer loss falls under
+--threshold, or when it has used --stage-share of the budget; about a third of the batches repeat shorter
+lengths so that short contexts are not forgotten. The loss is the mean cross-entropy over answer tokens (the answer and </s>)
 plus --context-weight x the mean over prompt tokens. The learning rate warms up over --warmup-steps, then
 follows a cosine over the training time, so it reaches --min-lr when the budget is spent.
 
@@ -42,13 +43,14 @@ from sagekv.tasks import EVAL_SEEDS, MIN_LENGTH, TASKS, TRAIN_SEEDS, generate, s
 
 BOS, EOS, VOCAB = 256, 257, 258
 PAD, CONTEXT, ANSWER = 0, 1, 2  # what each target position counts for in the loss
+TASK_NAMES = list(TASKS)  # a batch's task ids index this
 MAX_BATCH = 4096  # batch index b draws its samples' seeds from TRAIN_SEEDS[b * MAX_BATCH:][:batch size]
 MONITOR_SEED = EVAL_SEEDS.stop - 1000  # held-out samples for the log, away from the final eval's seeds
 MONITOR_PER_TASK = 2
 SYNC_EVERY = 10  # steps between reading losses back from the GPU (each read waits for the GPU)
 # Settings that define the run; --resume takes them from the checkpoint so the run stays one run.
 FIXED_BY_CHECKPOINT = ("hidden", "layers", "heads", "kv_heads", "intermediate", "rope_theta", "stages",
-                       "tokens_per_step", "tasks", "current_share", "threshold", "average_steps", "stage_share",
+                       "tokens_per_step", "tasks", "warmup_tasks", "current_share", "threshold", "average_steps", "stage_share",
                        "lr", "min_lr", "warmup_steps", "weight_decay", "context_weight")
 
 
@@ -71,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--stages", default="512,1024,2048,4096,8192", help="curriculum lengths in tokens")
     p.add_argument("--tokens-per-step", type=int, default=32768, help="batch size = this // length")
     p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--warmup-tasks", default="single_needle,multi_key",
+                   help="tasks of an extra first stage at the first length ('' for none)")
     p.add_argument("--current-share", type=float, default=0.65, help="share of batches at the stage's length")
     p.add_argument("--threshold", type=float, default=0.3, help="answer-loss average that ends a stage")
     p.add_argument("--average-steps", type=int, default=50, help="window of that moving average")
@@ -107,8 +111,9 @@ class TrainBatches(IterableDataset):
     and the training loop receives them in order; a resumed run starts at the first batch not trained on.
     """
 
-    def __init__(self, tasks, stages, stage, tokens_per_step, current_share, first_batch):
-        self.tasks, self.length, self.shorter = tasks, stages[stage], stages[:stage]
+    def __init__(self, plan, stage, tokens_per_step, current_share, first_batch):
+        self.length, self.tasks = plan[stage]
+        self.shorter = sorted({length for length, _ in plan[:stage] if length < self.length})
         self.tokens_per_step, self.current_share, self.first_batch = tokens_per_step, current_share, first_batch
 
     def __iter__(self):
@@ -125,8 +130,9 @@ class TrainBatches(IterableDataset):
         length = self.length if at_stage else rng.choice(self.shorter)
         size = min(MAX_BATCH, max(1, self.tokens_per_step // length))
         first_seed = TRAIN_SEEDS.start + index * MAX_BATCH
-        samples = [generate(rng.choice(self.tasks), length, first_seed + i) for i in range(size)]
-        return (length, *encode_batch(samples))
+        names = [rng.choice(self.tasks) for _ in range(size)]
+        samples = [generate(name, length, first_seed + i) for i, name in enumerate(names)]
+        return (length, *encode_batch(samples), torch.tensor([TASK_NAMES.index(name) for name in names]))
 
 
 def ignore_stop_signals(_worker):
@@ -136,14 +142,21 @@ def ignore_stop_signals(_worker):
 
 
 def batches(args, state, device):
-    dataset = TrainBatches(args.tasks.split(","), stage_lengths(args), state["stage"], args.tokens_per_step,
-                           args.current_share, state["batches"])
+    dataset = TrainBatches(stage_plan(args), state["stage"], args.tokens_per_step, args.current_share,
+                           state["batches"])
     return iter(DataLoader(dataset, batch_size=None, num_workers=args.workers, pin_memory=device.type == "cuda",
                            prefetch_factor=4 if args.workers else None, worker_init_fn=ignore_stop_signals))
 
 
 def stage_lengths(args):
     return [int(length) for length in args.stages.split(",")]
+
+
+def stage_plan(args):
+    """(length, tasks) of each curriculum stage: the warm-up tasks alone first, then every task at each length."""
+    lengths, tasks = stage_lengths(args), args.tasks.split(",")
+    warmup = [(lengths[0], args.warmup_tasks.split(","))] if args.warmup_tasks else []
+    return warmup + [(length, tasks) for length in lengths]
 
 
 def build_model(args):
@@ -179,13 +192,17 @@ def autocast(device):
 
 
 def losses(logits, ids, kinds, context_weight):
-    """(total loss, answer loss): answer and context token losses are averaged separately, then weighted."""
+    """(total loss, answer loss, [2, batch] answer-token loss sums and counts per row).
+
+    Answer and context token losses are averaged separately, then weighted.
+    """
     ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
     kinds = kinds[:, 1:]
     answer, context = (kinds == ANSWER).float(), (kinds == CONTEXT).float()
     answer_loss = (ce * answer).sum() / answer.sum()  # masked sums: boolean indexing would wait for the GPU
     context_loss = (ce * context).sum() / context.sum().clamp(min=1)
-    return answer_loss + context_weight * context_loss, answer_loss
+    rows = torch.stack([(ce * answer).sum(1), answer.sum(1)])
+    return answer_loss + context_weight * context_loss, answer_loss, rows
 
 
 def monitor_samples(tasks, length, per_task):
@@ -237,7 +254,7 @@ def save_checkpoint(path, model, optimizer, state, args):
 
 
 def train(args, model, optimizer, state, out, device, stop):
-    stages, tasks, budget = stage_lengths(args), args.tasks.split(","), args.minutes * 60
+    plan, budget = stage_plan(args), args.minutes * 60
     forward = torch.compile(model) if args.compile else model
     recent = deque(state["recent"], maxlen=args.average_steps)  # answer losses of batches at the stage's length
     loader = batches(args, state, device)
@@ -245,6 +262,7 @@ def train(args, model, optimizer, state, out, device, stop):
     clock_start = time.perf_counter() - state["elapsed"]
     last_log = last_save = state["elapsed"]
     interval = []  # (loss, answer loss) since the last log record
+    by_task = torch.zeros(2, len(TASKS), device=device)  # answer-token loss sums and counts since the last log record
     pending = []  # (length, loss tensors) not yet read back from the GPU
     steps_at_log = steps_at_flush = state["step"]
     last_flush = state["elapsed"]
@@ -255,13 +273,14 @@ def train(args, model, optimizer, state, out, device, stop):
         log.flush()
 
     while state["elapsed"] < budget and not stop.is_set():
-        length, ids, kinds = next(loader)
-        ids, kinds = ids.to(device, non_blocking=True), kinds.to(device, non_blocking=True)
+        length, ids, kinds, task_ids = (t.to(device, non_blocking=True) if torch.is_tensor(t) else t
+                                        for t in next(loader))
         lr = learning_rate(args, state["step"], time.perf_counter() - clock_start)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device):
-            loss, answer_loss = losses(forward(input_ids=ids).logits, ids, kinds, args.context_weight)
+            loss, answer_loss, rows = losses(forward(input_ids=ids).logits, ids, kinds, args.context_weight)
+        by_task.index_add_(1, task_ids, rows.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -275,23 +294,25 @@ def train(args, model, optimizer, state, out, device, stop):
 
         values = torch.stack([v for _, v in pending]).tolist()
         interval += values
-        recent.extend(a for (batch_length, _), (_, a) in zip(pending, values) if batch_length == stages[state["stage"]])
+        stage_length, stage_tasks = plan[state["stage"]]
+        recent.extend(a for (batch_length, _), (_, a) in zip(pending, values) if batch_length == stage_length)
         pending = []
         state["recent"] = list(recent)
         average = sum(recent) / len(recent) if recent else float("nan")
         bar.n = min(state["elapsed"], budget)
-        bar.set_postfix({"stage": f"{state['stage'] + 1}/{len(stages)}", "len": stages[state["stage"]],
+        bar.set_postfix({"stage": f"{state['stage'] + 1}/{len(plan)}", "len": stage_length,
                          "loss": f"{values[-1][0]:.3f}", "ans_avg": f"{average:.3f}", "step": state["step"],
                          "step/s": f"{(state['step'] - steps_at_flush) / (state['elapsed'] - last_flush):.1f}"})
         steps_at_flush, last_flush = state["step"], state["elapsed"]
 
         learned = len(recent) == recent.maxlen and average < args.threshold
         out_of_time = state["elapsed"] - state["stage_started"] > args.stage_share * budget
-        if state["stage"] < len(stages) - 1 and (learned or out_of_time):
-            samples = monitor_samples(tasks, stages[state["stage"]], 1)
+        if state["stage"] < len(plan) - 1 and (learned or out_of_time):
+            samples = monitor_samples(stage_tasks, stage_length, 1)
             greedy_score, greedy_exact = greedy_scores(model, samples, device)
             write({"event": "stage", "step": state["step"], "elapsed": round(state["elapsed"], 1),
-                   "from_length": stages[state["stage"]], "to_length": stages[state["stage"] + 1],
+                   "from_length": stage_length, "to_length": plan[state["stage"] + 1][0],
+                   "from_tasks": stage_tasks, "to_tasks": plan[state["stage"] + 1][1],
                    "reason": "threshold" if learned else "time", "answer_loss_avg": average,
                    "greedy_score": greedy_score, "greedy_exact": greedy_exact})
             state.update(stage=state["stage"] + 1, stage_started=state["elapsed"], recent=[])
@@ -299,16 +320,19 @@ def train(args, model, optimizer, state, out, device, stop):
             loader = batches(args, state, device)  # the old loader's prefetched batches are dropped, not trained on
 
         if state["elapsed"] - last_log >= args.log_every or state["elapsed"] >= budget:
-            stage_length = stages[state["stage"]]
-            token_acc, exact = teacher_forced_accuracy(model, monitor_samples(tasks, stage_length, MONITOR_PER_TASK),
-                                                       device)
+            stage_length, stage_tasks = plan[state["stage"]]
+            token_acc, exact = teacher_forced_accuracy(
+                model, monitor_samples(stage_tasks, stage_length, MONITOR_PER_TASK), device)
             write({"event": "log", "step": state["step"], "elapsed": round(state["elapsed"], 1),
                    "stage": state["stage"], "length": stage_length, "lr": lr,
                    "loss": sum(v[0] for v in interval) / len(interval),
                    "answer_loss": sum(v[1] for v in interval) / len(interval), "answer_loss_avg": average,
                    "steps_per_s": (state["step"] - steps_at_log) / (state["elapsed"] - last_log),
-                   "heldout_token_acc": token_acc, "heldout_exact": exact})
+                   "heldout_token_acc": token_acc, "heldout_exact": exact,
+                   "answer_loss_by_task": {task: total / count for task, (total, count)
+                                           in zip(TASK_NAMES, by_task.T.tolist()) if count}})
             interval, steps_at_log, last_log = [], state["step"], state["elapsed"]
+            by_task.zero_()
         if state["elapsed"] - last_save >= args.save_every:
             save_checkpoint(out / "checkpoint.pt", model, optimizer, state, args)
             last_save = state["elapsed"]
@@ -351,7 +375,9 @@ def main(argv=None):
         args.minutes = args.minutes if args.minutes is not None else checkpoint["args"]["minutes"]
     args.minutes = args.minutes if args.minutes is not None else 20.0
     tasks, eval_lengths = args.tasks.split(","), [int(n) for n in args.eval_lengths.split(",")]
-    for task in tasks:
+    for task in set(tasks + args.warmup_tasks.split(",")) - {""}:
+        if task not in TASKS:
+            raise SystemExit(f"unknown task {task}; tasks: {', '.join(TASKS)}")
         if min(stage_lengths(args) + eval_lengths) < MIN_LENGTH[task]:
             raise SystemExit(f"task {task} needs lengths >= {MIN_LENGTH[task]}")
 
@@ -392,6 +418,8 @@ def model_card(args, state, params, results, lengths, device):
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     stage_log = [json.loads(line) for line in open(Path(args.out) / "train_log.jsonl") if '"event": "stage"' in line]
     stages = ", ".join(f"{r['from_length']} -> {r['to_length']} at step {r['step']} ({r['reason']})" for r in stage_log)
+    warmup = (f"first {', '.join(args.warmup_tasks.split(','))} alone at {stage_lengths(args)[0]} tokens, then all tasks; "
+              if args.warmup_tasks else "")
     return f"""# sagekv reference model
 
 A small byte-level Llama trained from scratch to retrieve facts from long synthetic contexts, so that
@@ -410,7 +438,8 @@ model for `sagekv.tasks`, not a chat or general language model.
   {TRAIN_SEEDS.start} and up only; the evaluation below uses seeds from {EVAL_SEEDS.start}, which training never sees.
   All text is synthetic (invented words from templates); no third-party text.
 - `scripts/train_reference_model.py`: {state["step"]} optimizer steps in {state["elapsed"] / 60:.1f} minutes of
-  training on one {hardware}; lengths {args.stages} tokens by an adaptive curriculum ({stages or "no stage change"});
+  training on one {hardware}; {warmup}lengths {args.stages} tokens by an adaptive curriculum
+  ({stages or "no stage change"});
   {args.tokens_per_step} tokens per step; loss = answer cross-entropy + {args.context_weight} x prompt cross-entropy;
   AdamW lr {args.lr:g} -> {args.min_lr:g} (cosine over training time), weight decay {args.weight_decay}, bf16 autocast.
 

@@ -14,7 +14,7 @@ TINY = ["--hidden", "32", "--layers", "1", "--heads", "4", "--kv-heads", "1", "-
         "--stages", "512,1024", "--tokens-per-step", "2048", "--tasks", TASK_SUBSET, "--stage-share", "0.3",
         "--workers", "0", "--device", "cpu", "--log-every", "1", "--eval-samples", "1", "--eval-lengths", "512"]
 LOG_KEYS = {"event", "step", "elapsed", "stage", "length", "lr", "loss", "answer_loss", "answer_loss_avg",
-            "steps_per_s", "heldout_token_acc", "heldout_exact"}
+            "steps_per_s", "heldout_token_acc", "heldout_exact", "answer_loss_by_task"}
 
 
 def load_script():
@@ -46,12 +46,14 @@ def test_batch_targets_are_the_answer_then_eos():
     # Logits that put all mass on the next token give zero loss on exactly the answer positions.
     perfect = torch.full((*ids.shape, 258), -1e4)
     perfect[:, :-1].scatter_(2, ids[:, 1:, None], 1e4)
-    loss, answer_loss = script.losses(perfect, ids, kinds, 0.1)
+    loss, answer_loss, rows = script.losses(perfect, ids, kinds, 0.1)
     assert loss.item() == answer_loss.item() == 0.0
+    assert rows[1].tolist() == [len(s.answer) + 1 for s in samples]  # answer tokens and </s> per row
     wrong_answer = perfect.clone()
     wrong_answer[:, :-1][kinds[:, 1:] == script.ANSWER] = 0.0  # uniform over 258 tokens at answer targets only
-    loss, answer_loss = script.losses(wrong_answer, ids, kinds, 0.1)
+    loss, answer_loss, rows = script.losses(wrong_answer, ids, kinds, 0.1)
     assert answer_loss.item() == pytest.approx(torch.log(torch.tensor(258.0)).item(), rel=1e-4)
+    assert (rows[0] / rows[1]).tolist() == pytest.approx([answer_loss.item()] * 2, rel=1e-5)
     assert loss.item() == pytest.approx(answer_loss.item(), rel=1e-6)
 
 
@@ -73,7 +75,11 @@ def test_train_save_resume_and_reload(tmp_path):
     log = read_log(out)
     records = [r for r in log if r["event"] == "log"]
     assert records and LOG_KEYS <= set(records[-1])
-    assert any(r["event"] == "stage" and r["from_length"] == 512 for r in log)  # --stage-share moved it on
+    stage_changes = [r for r in log if r["event"] == "stage"]  # --stage-share moved it on
+    assert stage_changes[0]["from_tasks"] == ["single_needle", "multi_key"]  # the warm-up stage comes first
+    assert stage_changes[0]["to_tasks"] == TASK_SUBSET.split(",")
+    first_losses = records[0]["answer_loss_by_task"]
+    assert set(first_losses) == {"single_needle", "multi_key"} and all(v > 0 for v in first_losses.values())
     first = json.loads((out / "final_eval.json").read_text())
     assert set(first["results"]) == set(TASK_SUBSET.split(","))
     assert 0.0 <= first["results"]["single_needle"]["512"]["score"] <= 1.0
@@ -89,7 +95,8 @@ def test_train_save_resume_and_reload(tmp_path):
     assert second["step"] > first["step"]
     assert first["elapsed"] < second["elapsed"] and second["elapsed"] >= 6.0
     resumed = [r for r in read_log(out)[len(log):] if r["event"] == "log"]
-    assert resumed and resumed[0]["step"] > first["step"] and resumed[0]["stage"] == 1  # not started over
+    assert resumed and resumed[0]["step"] > first["step"]
+    assert resumed[0]["stage"] == records[-1]["stage"] > 0  # not started over
 
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.num_key_value_heads == 1 and model.config.vocab_size == 258
@@ -100,6 +107,24 @@ def test_train_save_resume_and_reload(tmp_path):
 
         mlx_model, _ = load(str(out / "model"))
         assert mlx_model.args.rope_theta == 500000.0
+
+
+@needs_torch
+def test_warmup_stage_then_all_tasks_with_shorter_lengths_replayed():
+    script = load_script()
+    args = script.parse_args(["--out", "unused", *TINY])
+    plan = script.stage_plan(args)
+    assert plan == [(512, ["single_needle", "multi_key"]), (512, TASK_SUBSET.split(",")),
+                    (1024, TASK_SUBSET.split(","))]
+    for stage, (length, tasks) in enumerate(plan):
+        dataset = script.TrainBatches(plan, stage, 2048, 0.5, 0)
+        for index in range(6):
+            batch_length, ids, kinds, task_ids = dataset.batch(index)
+            assert batch_length in (512, length) and len(ids) == len(task_ids) == 2048 // batch_length
+            assert {script.TASK_NAMES[i] for i in task_ids.tolist()} <= set(tasks)
+            assert (batch_length, ids.tolist()) == (dataset.batch(index)[0], dataset.batch(index)[1].tolist())
+    assert script.stage_plan(script.parse_args(["--out", "unused", *TINY, "--warmup-tasks", ""]))[0][1] == \
+        TASK_SUBSET.split(",")
 
 
 @needs_torch
