@@ -18,7 +18,8 @@ from sagekv.tasks import TASKS
 
 LENGTHS = [2048, 4096, 8192]
 BUDGETS = [64, 128, 256, 512, 1024, 2048]
-POLICIES = ["full", "sagekv", "sagekv_pool", "sagekv_kv", "streaming", "snapkv", "quest", "tova", "knorm", "random"]
+POLICIES = ["full", "sagekv", "sagekv_pool", "sagekv_kv", "sagekv_follow", "sagekv_kv_follow", "streaming", "snapkv",
+            "quest", "tova", "knorm", "random"]
 assert set(POLICIES) <= set(NAMED)
 
 

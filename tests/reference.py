@@ -25,14 +25,15 @@ def attention_row(query, keys, position):
     return probs
 
 
-def pool1d(x, kernel, mode):
-    """Max or average over ``kernel`` neighbours (zero padding counts for the average)."""
+def pool1d(x, kernel, mode, follow=1):
+    """Max or average over ``kernel`` neighbours (zero padding counts for the average), then for
+    ``follow`` > 1 the max over each position and the ``follow`` - 1 before it."""
     half = kernel // 2
     out = np.empty_like(x)
     for i in range(len(x)):
         window = x[max(i - half, 0) : i + half + 1]
         out[i] = window.max() if mode == "max" else window.sum() / kernel
-    return out
+    return np.array([out[max(i - follow + 1, 0) : i + 1].max() for i in range(len(x))])
 
 
 def policy_reference(policy, queries, keys):
@@ -66,10 +67,12 @@ def policy_reference(policy, queries, keys):
     scores = []  # per row, over the candidates
     for row in range(rows):
         if isinstance(policy, sagekv.SageKV) and policy.group == "query_head":
-            full = keys[row // g] @ last[row] / np.sqrt(d) if policy.pool == 1 else pool1d(probs(row), policy.pool, "max")
+            plain = policy.pool == policy.follow == 1
+            full = keys[row // g] @ last[row] / np.sqrt(d) if plain else pool1d(probs(row), policy.pool, "max", policy.follow)
             score = full[candidates]
         elif isinstance(policy, sagekv.SageKV):
-            score = pool1d(sum(probs(h) for h in range(row * g, (row + 1) * g)), policy.pool, "max")[candidates]
+            score = pool1d(sum(probs(h) for h in range(row * g, (row + 1) * g)), policy.pool, "max", policy.follow)
+            score = score[candidates]
         elif isinstance(policy, sagekv.SnapKV):
             window = range(w - min(w, policy.window), w)
             votes = sum(attention_row(queries[h, i], keys[row], n - w + i) for h in range(row * g, (row + 1) * g) for i in window)

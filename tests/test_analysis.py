@@ -17,6 +17,7 @@ def grid():
             metrics.append(cell(task, 2048, "sagekv", budget, min(0.5 + 0.1 * i + offset / 2, 1.0)))
             metrics.append(cell(task, 2048, "sagekv_pool", budget, min(0.6 + 0.1 * i, 1.0)))
             metrics.append(cell(task, 2048, "sagekv_kv", budget, 0.4 + 0.05 * i))
+            metrics.append(cell(task, 2048, "sagekv_follow", budget, min(0.7 + 0.1 * i, 1.0)))
             metrics.append(cell(task, 2048, "streaming", budget, 0.3 + 0.1 * i))
             metrics.append(cell(task, 2048, "quest", budget, 0.45 + 0.1 * i))
     return metrics
@@ -47,10 +48,13 @@ def test_matching_budget():
 def test_best_variant_and_page():
     winner, means = best_variant(grid(), ["sagekv", "sagekv_pool", "sagekv_kv"])
     assert winner == "sagekv_pool" and means["sagekv_pool"] > means["sagekv"] > means["sagekv_kv"]
-    page = comparisons_markdown(grid())
+    page = comparisons_markdown(grid())  # every variant in the metrics competes; sagekv_kv_follow was not run
     assert "| 2048 | 128 | sagekv | 0.625 | 0.925 | -0.300 |" in page
+    assert "| 2048 | 128 | sagekv_follow | 0.800 | 0.925 | -0.125 |" in page and "sagekv_kv_follow" not in page
     assert "| 2048 | sagekv | quest x2 | none in the grid | - | - |" in page
-    assert "Highest: `sagekv_pool`." in page
+    assert "| 2048 | sagekv_follow | streaming x4 | 64 |" in page  # the best variant is compared too
+    assert "| 2048 | sagekv_pool | streaming" not in page
+    assert "Highest: `sagekv_follow`." in page
 
 
 def test_results_page_script(tiny_checkpoints, tmp_path):

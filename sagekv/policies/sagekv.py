@@ -23,7 +23,11 @@ class SageKV(Policy):
     ``group="kv_head"``: each KV head keeps ``G * topk`` candidates ranked by the sum over its
     query heads of the last token's softmax attention (over all keys), shared by the group.
     ``pool=K`` (not in the paper): rank by the softmax attention max-pooled over K neighbouring
-    positions, so tokens that continue a selected one are kept with it.
+    positions, so tokens around a selected one are kept with it.
+    ``follow=K`` (not in the paper): rank each position by the highest softmax attention among
+    itself and the K - 1 positions before it, so the K - 1 tokens that follow a selected one are
+    kept with it: the continuation of an answer the model copies from the prompt, which one
+    selection by the last prompt token otherwise drops.
     """
 
     budget: int
@@ -32,6 +36,7 @@ class SageKV(Policy):
     recent: Optional[int] = None
     group: str = "query_head"
     pool: int = 1
+    follow: int = 1
     name = "sagekv"
 
     def __post_init__(self):
@@ -44,6 +49,7 @@ class SageKV(Policy):
         check_int("pool", self.pool, 1)
         if self.pool % 2 == 0:
             raise SageKVError(f"pool must be odd (a window centred on each position), got {self.pool}")
+        check_int("follow", self.follow, 1)
 
     def split(self, group_size: int) -> tuple[int, int, int]:
         """(sink, top-k per query head, recent) for a model with this GQA group size."""
@@ -65,11 +71,12 @@ class SageKV(Policy):
     def scores(self, ops, queries, keys, layout: Layout):
         hkv, n, d = keys.shape
         last = queries[:, -1:]
-        if self.group == "query_head" and self.pool == 1:
+        if self.group == "query_head" and self.pool == self.follow == 1:
             q = ops.float32(last).reshape(hkv, -1, 1, d)
             scores = (q @ ops.float32(keys)[:, None].swapaxes(-1, -2)).reshape(layout.q_heads, n) * (d**-0.5)
         else:
             probs = attention_probs(ops, last, keys).reshape(hkv, -1, n)  # [Hkv, G, N]
             scores = probs.reshape(layout.q_heads, n) if self.group == "query_head" else probs.sum(axis=1)
-            scores = pool(ops, scores, self.pool, "max")
+            half = self.pool // 2
+            scores = pool(ops, scores, half + self.follow - 1, half, "max")
         return scores[:, layout.candidates]
