@@ -118,3 +118,23 @@ def test_ties_keep_the_earliest_positions(library):
     x = to_library(scores, library)
     top = np.sort(to_numpy(top_positions(ops_for(x), x, 4)), axis=1)
     assert top.tolist() == [[1, 2, 3, 4], [0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("group", ["query_head", "kv_head"])
+def test_follow_keeps_the_tokens_after_a_selected_one(library, group):
+    # Every query attends to one key (position 40); the tokens after it are what a copy continues with.
+    n, d, spike = 120, 8, 40
+    keys = np.zeros((1, n, d), np.float32)
+    keys[0, spike] = 4.0
+    query = np.ones((4, d), np.float32)
+    policy = sagekv.SageKV(24, sink=2, topk=2, recent=4, group=group, follow=6)
+    kept = to_numpy(sagekv.select(policy, to_library(query, library), to_library(keys, library)))
+    selected = kept[:, 2:-5]  # between the sink and the recent window + last token
+    if group == "query_head":  # each head keeps the spike and the next one (ties keep the earliest)
+        assert (np.sort(selected, axis=1) == [spike, spike + 1]).all()
+    else:  # the shared selection has G x topk = 8 places: the spike, the 5 after it, then the earliest rest
+        assert set(range(spike, spike + 6)) <= set(selected[0].tolist())
+    plain = to_numpy(sagekv.select(sagekv.SageKV(24, sink=2, topk=2, recent=4, group=group),
+                                   to_library(query, library), to_library(keys, library)))
+    assert spike + 1 not in plain[:, 2:-5]  # without follow only the spike itself stands out
