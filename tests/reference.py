@@ -25,15 +25,15 @@ def attention_row(query, keys, position):
     return probs
 
 
-def pool1d(x, kernel, mode, follow=1):
-    """Max or average over ``kernel`` neighbours (zero padding counts for the average), then for
-    ``follow`` > 1 the max over each position and the ``follow`` - 1 before it."""
+def pool1d(x, kernel, mode, follow=1, decay=1.0):
+    """Max or average over ``kernel`` neighbours (zero padding counts for the average), then the
+    max over each position and the ``follow`` - 1 before it, discounted by ``decay`` per step."""
     half = kernel // 2
     out = np.empty_like(x)
     for i in range(len(x)):
         window = x[max(i - half, 0) : i + half + 1]
         out[i] = window.max() if mode == "max" else window.sum() / kernel
-    return np.array([out[max(i - follow + 1, 0) : i + 1].max() for i in range(len(x))])
+    return np.array([max(out[i - t] * decay**t for t in range(min(follow, i + 1))) for i in range(len(x))])
 
 
 def policy_reference(policy, queries, keys):
@@ -68,11 +68,11 @@ def policy_reference(policy, queries, keys):
     for row in range(rows):
         if isinstance(policy, sagekv.SageKV) and policy.group == "query_head":
             plain = policy.pool == policy.follow == 1
-            full = keys[row // g] @ last[row] / np.sqrt(d) if plain else pool1d(probs(row), policy.pool, "max", policy.follow)
+            full = keys[row // g] @ last[row] / np.sqrt(d) if plain else pool1d(probs(row), policy.pool, "max", policy.follow, policy.decay)
             score = full[candidates]
         elif isinstance(policy, sagekv.SageKV):
-            score = pool1d(sum(probs(h) for h in range(row * g, (row + 1) * g)), policy.pool, "max", policy.follow)
-            score = score[candidates]
+            score = pool1d(sum(probs(h) for h in range(row * g, (row + 1) * g)), policy.pool, "max", policy.follow,
+                           policy.decay)[candidates]
         elif isinstance(policy, sagekv.SnapKV):
             window = range(w - min(w, policy.window), w)
             votes = sum(attention_row(queries[h, i], keys[row], n - w + i) for h in range(row * g, (row + 1) * g) for i in window)

@@ -138,3 +138,18 @@ def test_follow_keeps_the_tokens_after_a_selected_one(library, group):
     plain = to_numpy(sagekv.select(sagekv.SageKV(24, sink=2, topk=2, recent=4, group=group),
                                    to_library(query, library), to_library(keys, library)))
     assert spike + 1 not in plain[:, 2:-5]  # without follow only the spike itself stands out
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_follow_decay_shares_the_budget_between_attended_places(library):
+    n, d = 120, 8
+    keys = np.zeros((1, n, d), np.float32)
+    keys[0, [40, 80]] = 4.0  # two places attended equally
+    query = np.ones((4, d), np.float32)
+    kept = {}
+    for decay in (1.0, 0.8):
+        policy = sagekv.SageKV(24, sink=2, topk=2, recent=4, group="kv_head", follow=8, decay=decay)
+        selected = to_numpy(sagekv.select(policy, to_library(query, library), to_library(keys, library)))[0, 2:-5]
+        kept[decay] = sorted(selected.tolist())
+    assert kept[1.0] == list(range(40, 48))  # undiscounted, the first place takes all 8 (ties keep the earliest)
+    assert kept[0.8] == [40, 41, 42, 43, 80, 81, 82, 83]  # discounted, each keeps its nearest followers

@@ -96,7 +96,7 @@ def test_train_save_resume_and_reload(tmp_path):
     assert first["elapsed"] < second["elapsed"] and second["elapsed"] >= 6.0
     resumed = [r for r in read_log(out)[len(log):] if r["event"] == "log"]
     assert resumed and resumed[0]["step"] > first["step"]
-    assert resumed[0]["stage"] == records[-1]["stage"] > 0  # not started over
+    assert resumed[0]["stage"] >= records[-1]["stage"] > 0  # not started over (it may move on at once)
 
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.num_key_value_heads == 1 and model.config.vocab_size == 258

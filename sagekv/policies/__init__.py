@@ -16,8 +16,8 @@ NAMED = {
     "sagekv": SageKV,  # the paper's setting
     "sagekv_kv": lambda budget: SageKV(budget, group="kv_head"),
     "sagekv_pool": lambda budget: SageKV(budget, pool=9),
-    "sagekv_follow": lambda budget: SageKV(budget, follow=32),
-    "sagekv_kv_follow": lambda budget: SageKV(budget, group="kv_head", follow=32),
+    "sagekv_follow": lambda budget: SageKV(budget, follow=32, decay=0.8),
+    "sagekv_kv_follow": lambda budget: SageKV(budget, group="kv_head", follow=32, decay=0.8),
     "streaming": StreamingLLM,
     "snapkv": SnapKV,
     "quest": Quest,

@@ -109,19 +109,30 @@ def attention_probs(ops, queries, keys):
     return ops.softmax(logits)
 
 
-def pool(ops, scores, before: int, after: int, mode: str):
-    """Max or average over positions i - before .. i + after along the last axis (same length).
-
-    Positions past either end count as -inf for the max and as 0 for the average.
-    """
-    if before == after == 0:
+def pool(ops, scores, kernel: int, mode: str):
+    """Max or average over a window of ``kernel`` neighbours along the last axis (same length)."""
+    if kernel <= 1:
         return scores
-    fill = float("-inf") if mode == "max" else 0.0
-    padding = lambda size: [ops.full((*scores.shape[:-1], size), fill, like=scores)] if size else []  # noqa: E731
-    padded = ops.concat([*padding(before), scores, *padding(after)], axis=-1)
+    half = kernel // 2
+    shape = (*scores.shape[:-1], half)
+    filler = ops.full(shape, float("-inf") if mode == "max" else 0.0, like=scores)
+    padded = ops.concat([filler, scores, filler], axis=-1)
     length = scores.shape[-1]
     out = padded[..., :length]
-    for shift in range(1, before + after + 1):
+    for shift in range(1, 2 * half + 1):
         window = padded[..., shift : shift + length]
         out = ops.xp.maximum(out, window) if mode == "max" else out + window
-    return out if mode == "max" else out / (before + after + 1)
+    return out if mode == "max" else out / (2 * half + 1)
+
+
+def carry_forward(ops, scores, steps: int, decay: float):
+    """Each position's score becomes the highest of its own and those of the ``steps`` positions
+    before it, discounted by ``decay`` per position of distance. Scores must be >= 0."""
+    if steps == 0:
+        return scores
+    length = scores.shape[-1]
+    padded = ops.concat([ops.full((*scores.shape[:-1], steps), 0.0, like=scores), scores], axis=-1)
+    out = scores
+    for distance in range(1, steps + 1):
+        out = ops.xp.maximum(out, padded[..., steps - distance : steps - distance + length] * decay**distance)
+    return out

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import SageKVError
-from .base import Layout, Policy, attention_probs, check_int, group_size, pool
+from .base import Layout, Policy, attention_probs, carry_forward, check_int, group_size, pool
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,12 @@ class SageKV(Policy):
     query heads of the last token's softmax attention (over all keys), shared by the group.
     ``pool=K`` (not in the paper): rank by the softmax attention max-pooled over K neighbouring
     positions, so tokens around a selected one are kept with it.
-    ``follow=K`` (not in the paper): rank each position by the highest softmax attention among
-    itself and the K - 1 positions before it, so the K - 1 tokens that follow a selected one are
-    kept with it: the continuation of an answer the model copies from the prompt, which one
-    selection by the last prompt token otherwise drops.
+    ``follow=K, decay=d`` (not in the paper): rank each position by the highest softmax attention
+    among itself and the K - 1 positions before it, discounted by ``d`` per position of distance,
+    so the tokens that follow a selected one are kept with it, nearest first: the continuation of
+    an answer the model copies from the prompt, which one selection by the last prompt token
+    otherwise drops. With ``d < 1`` several attended places share the budget instead of the
+    strongest one taking K places.
     """
 
     budget: int
@@ -37,6 +39,7 @@ class SageKV(Policy):
     group: str = "query_head"
     pool: int = 1
     follow: int = 1
+    decay: float = 1.0
     name = "sagekv"
 
     def __post_init__(self):
@@ -50,6 +53,8 @@ class SageKV(Policy):
         if self.pool % 2 == 0:
             raise SageKVError(f"pool must be odd (a window centred on each position), got {self.pool}")
         check_int("follow", self.follow, 1)
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0 < self.decay <= 1:
+            raise SageKVError(f"decay must be a number in (0, 1], got {self.decay!r}")
 
     def split(self, group_size: int) -> tuple[int, int, int]:
         """(sink, top-k per query head, recent) for a model with this GQA group size."""
@@ -77,6 +82,5 @@ class SageKV(Policy):
         else:
             probs = attention_probs(ops, last, keys).reshape(hkv, -1, n)  # [Hkv, G, N]
             scores = probs.reshape(layout.q_heads, n) if self.group == "query_head" else probs.sum(axis=1)
-            half = self.pool // 2
-            scores = pool(ops, scores, half + self.follow - 1, half, "max")
+            scores = carry_forward(ops, pool(ops, scores, self.pool, "max"), self.follow - 1, self.decay)
         return scores[:, layout.candidates]

@@ -43,5 +43,4 @@ class SnapKV(Policy):
     def scores(self, ops, queries, keys, layout: Layout):
         probs = attention_probs(ops, queries[:, -self.window :], keys)  # [Hkv, G, W, N]
         votes = probs.sum(axis=2).sum(axis=1)  # [Hkv, N]
-        half = self.kernel // 2
-        return pool(ops, votes[:, layout.candidates], half, half, self.pooling)
+        return pool(ops, votes[:, layout.candidates], self.kernel, self.pooling)
