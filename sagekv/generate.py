@@ -84,6 +84,7 @@ def load(model: Optional[str] = None, backend: Optional[str] = None, device=None
     if dtype is not None and dtype not in DTYPES:
         raise SageKVError(f"unknown dtype {dtype!r} (choose from: {', '.join(DTYPES)})")
     module = get_backend(backend or default_backend())
+    name = "sagekv reference model" if model == REFERENCE_MODEL else str(model)  # what reports call it
     model = os.path.expanduser(str(model))
     if os.path.isdir(model):
         config = read_config(model)
@@ -99,7 +100,7 @@ def load(model: Optional[str] = None, backend: Optional[str] = None, device=None
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SageKVError(f"cannot load model {model} with {module.Runner.name}: {message}") from None
     check_model_type(runner.model_type)  # a hub id's config is only seen by the loader
-    return SageModel(runner, model)
+    return SageModel(runner, name)
 
 
 class SageModel:
