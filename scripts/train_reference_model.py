@@ -74,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens-per-step", type=int, default=32768, help="batch size = this // length")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--warmup-tasks", default="single_needle,multi_key",
-                   help="tasks of an extra first stage at the first length ('' for none)")
+                   help="those of --tasks trained alone in an extra first stage at the first length ('' for none)")
     p.add_argument("--current-share", type=float, default=0.65, help="share of batches at the stage's length")
     p.add_argument("--threshold", type=float, default=0.3, help="answer-loss average that ends a stage")
     p.add_argument("--average-steps", type=int, default=50, help="window of that moving average")
@@ -155,7 +155,8 @@ def stage_lengths(args):
 def stage_plan(args):
     """(length, tasks) of each curriculum stage: the warm-up tasks alone first, then every task at each length."""
     lengths, tasks = stage_lengths(args), args.tasks.split(",")
-    warmup = [(lengths[0], args.warmup_tasks.split(","))] if args.warmup_tasks else []
+    warmup_tasks = [task for task in args.warmup_tasks.split(",") if task in tasks]
+    warmup = [(lengths[0], warmup_tasks)] if warmup_tasks else []
     return warmup + [(length, tasks) for length in lengths]
 
 

@@ -76,10 +76,10 @@ def test_train_save_resume_and_reload(tmp_path):
     records = [r for r in log if r["event"] == "log"]
     assert records and LOG_KEYS <= set(records[-1])
     stage_changes = [r for r in log if r["event"] == "stage"]  # --stage-share moved it on
-    assert stage_changes[0]["from_tasks"] == ["single_needle", "multi_key"]  # the warm-up stage comes first
+    assert stage_changes[0]["from_tasks"] == ["single_needle"]  # the warm-up tasks that are in --tasks come first
     assert stage_changes[0]["to_tasks"] == TASK_SUBSET.split(",")
     first_losses = records[0]["answer_loss_by_task"]
-    assert set(first_losses) == {"single_needle", "multi_key"} and all(v > 0 for v in first_losses.values())
+    assert set(first_losses) == {"single_needle"} and all(v > 0 for v in first_losses.values())
     first = json.loads((out / "final_eval.json").read_text())
     assert set(first["results"]) == set(TASK_SUBSET.split(","))
     assert 0.0 <= first["results"]["single_needle"]["512"]["score"] <= 1.0
@@ -114,8 +114,7 @@ def test_warmup_stage_then_all_tasks_with_shorter_lengths_replayed():
     script = load_script()
     args = script.parse_args(["--out", "unused", *TINY])
     plan = script.stage_plan(args)
-    assert plan == [(512, ["single_needle", "multi_key"]), (512, TASK_SUBSET.split(",")),
-                    (1024, TASK_SUBSET.split(","))]
+    assert plan == [(512, ["single_needle"]), (512, TASK_SUBSET.split(",")), (1024, TASK_SUBSET.split(","))]
     for stage, (length, tasks) in enumerate(plan):
         dataset = script.TrainBatches(plan, stage, 2048, 0.5, 0)
         for index in range(6):
@@ -123,8 +122,12 @@ def test_warmup_stage_then_all_tasks_with_shorter_lengths_replayed():
             assert batch_length in (512, length) and len(ids) == len(task_ids) == 2048 // batch_length
             assert {script.TASK_NAMES[i] for i in task_ids.tolist()} <= set(tasks)
             assert (batch_length, ids.tolist()) == (dataset.batch(index)[0], dataset.batch(index)[1].tolist())
-    assert script.stage_plan(script.parse_args(["--out", "unused", *TINY, "--warmup-tasks", ""]))[0][1] == \
-        TASK_SUBSET.split(",")
+    for warmup in ("", "multi_key"):  # none, or none of them among --tasks: no warm-up stage
+        assert script.stage_plan(script.parse_args(["--out", "unused", *TINY, "--warmup-tasks", warmup]))[0][1] == \
+            TASK_SUBSET.split(",")
+    full = script.stage_plan(script.parse_args(["--out", "unused"]))  # the defaults: 1 warm-up stage + 5 lengths
+    assert full[0] == (512, ["single_needle", "multi_key"])
+    assert [length for length, _ in full[1:]] == [512, 1024, 2048, 4096, 8192]
 
 
 @needs_torch
