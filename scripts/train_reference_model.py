@@ -3,6 +3,8 @@
     python scripts/train_reference_model.py --out runs/ref --minutes 20
     python scripts/train_reference_model.py --out runs/ref --resume              # continue an interrupted run
     python scripts/train_reference_model.py --out runs/ref --resume --minutes 30  # extend a finished one
+    python scripts/train_reference_model.py --out runs/more --init-from sagekv/reference_model --warmup-tasks '' \
+        --stages 8192 --minutes 10                                                   # train a saved model further
 
 Trains first on the --warmup-tasks alone (the magic-number tasks: retrieving digits needs a circuit that a
 mixture of all tasks may never form), then on a mixture of all tasks, with an adaptive length curriculum
@@ -50,7 +52,8 @@ MONITOR_PER_TASK = 2
 SYNC_EVERY = 10  # steps between reading losses back from the GPU (each read waits for the GPU)
 # Settings that define the run; --resume takes them from the checkpoint so the run stays one run.
 FIXED_BY_CHECKPOINT = ("hidden", "layers", "heads", "kv_heads", "intermediate", "rope_theta", "stages",
-                       "tokens_per_step", "tasks", "warmup_tasks", "current_share", "threshold", "average_steps", "stage_share",
+                       "tokens_per_step", "tasks", "warmup_tasks", "init_from", "earlier_training",
+                       "current_share", "threshold", "average_steps", "stage_share",
                        "lr", "min_lr", "warmup_steps", "weight_decay", "context_weight")
 
 
@@ -64,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=8 if cuda else 0, help="data loader processes")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     p.add_argument("--seed", type=int, default=0, help="model initialisation seed")
+    p.add_argument("--init-from", default=None,
+                   help="start from this saved model's weights and shape (its card's training record is kept)")
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
@@ -88,6 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=float, default=60.0, help="seconds between checkpoints")
     p.add_argument("--eval-samples", type=int, default=20, help="EVAL seeds per task and length at the end")
     p.add_argument("--eval-lengths", default="2048,4096,8192")
+    p.set_defaults(earlier_training="")  # the --init-from model's training record, for the card
     return p.parse_args(argv)
 
 
@@ -171,6 +177,23 @@ def build_model(args):
     torch.manual_seed(args.seed)
     # float32 master weights, bf16 autocast; saved as bf16 at the end.
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def take_shape(args):
+    """Set the model shape from --init-from's config, and keep its card's training record for the new card."""
+    path = Path(args.init_from)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--init-from {path}: cannot read config.json ({error})")
+    rope = config.get("rope_parameters") or {}
+    args.hidden, args.layers = config["hidden_size"], config["num_hidden_layers"]
+    args.heads, args.kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    args.intermediate, args.rope_theta = config["intermediate_size"], rope.get("rope_theta", config.get("rope_theta"))
+    card = path / "README.md"
+    text = card.read_text() if card.exists() else ""
+    section = text.split("## Training", 1)[1].split("\n## ", 1)[0].strip() if "## Training" in text else ""
+    args.earlier_training = section or f"(no record: {path} has no model card)"
 
 
 def make_optimizer(model, args, device):
@@ -375,6 +398,8 @@ def main(argv=None):
             setattr(args, name, checkpoint["args"][name])
         args.minutes = args.minutes if args.minutes is not None else checkpoint["args"]["minutes"]
     args.minutes = args.minutes if args.minutes is not None else 20.0
+    if args.init_from and not checkpoint:
+        take_shape(args)
     tasks, eval_lengths = args.tasks.split(","), [int(n) for n in args.eval_lengths.split(",")]
     for task in set(tasks + args.warmup_tasks.split(",")) - {""}:
         if task not in TASKS:
@@ -382,7 +407,12 @@ def main(argv=None):
         if min(stage_lengths(args) + eval_lengths) < MIN_LENGTH[task]:
             raise SystemExit(f"task {task} needs lengths >= {MIN_LENGTH[task]}")
 
-    model = build_model(args).to(device)
+    model = build_model(args)
+    if args.init_from and not checkpoint:
+        earlier = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        model.load_state_dict(earlier.state_dict())
+        del earlier
+    model = model.to(device)
     optimizer = make_optimizer(model, args, device)
     state = {"step": 0, "batches": 0, "stage": 0, "stage_started": 0.0, "elapsed": 0.0, "recent": []}
     if checkpoint:
@@ -419,8 +449,11 @@ def model_card(args, state, params, results, lengths, device):
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     stage_log = [json.loads(line) for line in open(Path(args.out) / "train_log.jsonl") if '"event": "stage"' in line]
     stages = ", ".join(f"{r['from_length']} -> {r['to_length']} at step {r['step']} ({r['reason']})" for r in stage_log)
-    warmup = (f"first {', '.join(args.warmup_tasks.split(','))} alone at {stage_lengths(args)[0]} tokens, then all tasks; "
-              if args.warmup_tasks else "")
+    earlier = (f"- This run started from the weights of `{args.init_from}`, trained before as follows.\n\n"
+               f"### Earlier training\n\n{args.earlier_training}\n" if args.init_from else "")
+    plan = stage_plan(args)
+    warmup = (f"first {', '.join(plan[0][1])} alone at {plan[0][0]} tokens, then all tasks; "
+              if len(plan) > len(stage_lengths(args)) else "")
     return f"""# sagekv reference model
 
 A small byte-level Llama trained from scratch to retrieve facts from long synthetic contexts, so that
@@ -443,7 +476,7 @@ model for `sagekv.tasks`, not a chat or general language model.
   ({stages or "no stage change"});
   {args.tokens_per_step} tokens per step; loss = answer cross-entropy + {args.context_weight} x prompt cross-entropy;
   AdamW lr {args.lr:g} -> {args.min_lr:g} (cosine over training time), weight decay {args.weight_decay}, bf16 autocast.
-
+{earlier}
 ## Scores with full attention
 Greedy decoding, {args.eval_samples} evaluation seeds per task and length; task score (exact match for
 single answers, fraction of items for multi-answer tasks) and, in brackets, exact match of the whole answer.
