@@ -54,7 +54,7 @@ def answer_decided(answer: str, text: str) -> bool:
     return len(text) > len(answer) or not answer.startswith(text)
 
 
-def longbench_cases(path: str, samples: int, encode) -> list:
+def longbench_cases(path: str, samples: int) -> list:
     cases = []
     for index, record in enumerate(longbench.read(path, limit=samples)):
         dataset = record["dataset"]
@@ -79,27 +79,25 @@ def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: li
     """Run the grid, append to ``out/predictions.jsonl``, write the summaries; returns metrics."""
     grid = cells(policies, budgets)
     check_tasks(task_specs, lengths)
-    encode = model.encode
     cases = []
     for spec in task_specs:
         if spec.startswith("longbench:"):
-            cases += longbench_cases(spec.split(":", 1)[1], samples, encode)
+            cases += longbench_cases(spec.split(":", 1)[1], samples)
         else:
             for length in lengths:
-                cases += synthetic_cases(spec, length, samples, seed, encode)
+                cases += synthetic_cases(spec, length, samples, seed, model.encode)
 
     os.makedirs(out, exist_ok=True)
     check_run(out, model)
     path = os.path.join(out, "predictions.jsonl")
     done = {record_key(r) for r in read_predictions(path)}
-    todo = [(case, cell) for case in cases for cell in grid if record_key(key_of(case, cell)) not in done]
+    todo = [(case, [cell for cell in grid if record_key(key_of(case, cell)) not in done]) for case in cases]
     window = max(policy.observed_queries for _, _, policy in grid)
-    bar = progress_bar(len(todo), progress)
+    bar = progress_bar(sum(len(pending) for _, pending in todo), progress)
     with open(path, "a", encoding="utf-8") as f:
         if f.tell() and not ends_with_newline(path):
             f.write("\n")  # a run interrupted mid-line: keep new records on lines of their own
-        for case in cases:
-            pending = [cell for c, cell in todo if c is case]
+        for case, pending in todo:
             if not pending:
                 continue
             prefilled = model.prefill(model.encode(case.prompt), window)

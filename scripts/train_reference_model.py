@@ -10,9 +10,9 @@ Trains first on the --warmup-tasks alone (the magic-number tasks: retrieving dig
 mixture of all tasks may never form), then on a mixture of all tasks, with an adaptive length curriculum
 (512 -> ... -> 8192 tokens). Each stage ends when the moving average of its answer loss falls under
 --threshold, or when it has used --stage-share of the budget; about a third of the batches repeat shorter
-lengths so that short contexts are not forgotten. The loss is the mean cross-entropy over answer tokens (the answer and </s>)
-plus --context-weight x the mean over prompt tokens. The learning rate warms up over --warmup-steps, then
-follows a cosine over the training time, so it reaches --min-lr when the budget is spent.
+lengths so that short contexts are not forgotten. The loss is the mean cross-entropy over answer tokens (the
+answer and </s>) plus --context-weight x the mean over prompt tokens. The learning rate warms up over
+--warmup-steps, then follows a cosine over the training time, so it reaches --min-lr when the budget is spent.
 
 --out DIR gets checkpoint.pt (every --save-every seconds and at the end), train_log.jsonl, model/ (bf16
 weights + byte tokenizer, loadable by transformers and mlx-lm) and final_eval.json (greedy decoding with
@@ -184,12 +184,12 @@ def take_shape(args):
     path = Path(args.init_from)
     try:
         config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"--init-from {path}: cannot read config.json ({error})")
-    rope = config.get("rope_parameters") or {}
-    args.hidden, args.layers = config["hidden_size"], config["num_hidden_layers"]
-    args.heads, args.kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    args.intermediate, args.rope_theta = config["intermediate_size"], rope.get("rope_theta", config.get("rope_theta"))
+        args.hidden, args.layers = config["hidden_size"], config["num_hidden_layers"]
+        args.heads, args.kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+        args.intermediate = config["intermediate_size"]
+    except (OSError, ValueError, KeyError) as error:
+        raise SystemExit(f"--init-from {path}: cannot read config.json ({error!r})")
+    args.rope_theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
     card = path / "README.md"
     text = card.read_text() if card.exists() else ""
     section = text.split("## Training", 1)[1].split("\n## ", 1)[0].strip() if "## Training" in text else ""
@@ -223,9 +223,9 @@ def losses(logits, ids, kinds, context_weight):
     ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
     kinds = kinds[:, 1:]
     answer, context = (kinds == ANSWER).float(), (kinds == CONTEXT).float()
-    answer_loss = (ce * answer).sum() / answer.sum()  # masked sums: boolean indexing would wait for the GPU
+    rows = torch.stack([(ce * answer).sum(1), answer.sum(1)])  # masked sums: boolean indexing would wait for the GPU
+    answer_loss = rows[0].sum() / rows[1].sum()
     context_loss = (ce * context).sum() / context.sum().clamp(min=1)
-    rows = torch.stack([(ce * answer).sum(1), answer.sum(1)])
     return answer_loss + context_weight * context_loss, answer_loss, rows
 
 
@@ -297,8 +297,8 @@ def train(args, model, optimizer, state, out, device, stop):
         log.flush()
 
     while state["elapsed"] < budget and not stop.is_set():
-        length, ids, kinds, task_ids = (t.to(device, non_blocking=True) if torch.is_tensor(t) else t
-                                        for t in next(loader))
+        length, *tensors = next(loader)
+        ids, kinds, task_ids = (t.to(device, non_blocking=True) for t in tensors)
         lr = learning_rate(args, state["step"], time.perf_counter() - clock_start)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -47,22 +47,20 @@ class QuestKV:
     def __init__(self, ops, policy: Quest, keys, values):
         self.ops, self.page, self.pages_per_step = ops, policy.page, policy.budget // policy.page
         self.length = keys.shape[2]
-        self.keys, self.values = self._with_room(keys), self._with_room(values)
+        self.keys, self.values = self._grown(keys, self.growth), self._grown(values, self.growth)
         pages = -(-self.length // self.page)
         bounds_min, bounds_max = [], []
         for p in range(pages):
             chunk = keys[:, :, p * self.page : (p + 1) * self.page]
             bounds_min.append(ops.reduce_min(chunk, axis=2)[:, :, None])
             bounds_max.append(ops.reduce_max(chunk, axis=2)[:, :, None])
-        self.page_min = self._with_page_room(ops.concat(bounds_min, axis=2))
-        self.page_max = self._with_page_room(ops.concat(bounds_max, axis=2))
+        self.page_growth = -(-self.growth // self.page)
+        self.page_min = self._grown(ops.concat(bounds_min, axis=2), self.page_growth)
+        self.page_max = self._grown(ops.concat(bounds_max, axis=2), self.page_growth)
 
-    def _with_room(self, x):
-        spare = self.ops.full((*x.shape[:2], self.growth, x.shape[3]), 0.0, like=x)
-        return self.ops.concat([x, spare], axis=2)
-
-    def _with_page_room(self, x):
-        spare = self.ops.full((*x.shape[:2], -(-self.growth // self.page), x.shape[3]), 0.0, like=x)
+    def _grown(self, x, extra: int):
+        """``x`` [1, Hkv, T, D] with ``extra`` zero rows of room appended along T."""
+        spare = self.ops.full((*x.shape[:2], extra, x.shape[3]), 0.0, like=x)
         return self.ops.concat([x, spare], axis=2)
 
     def append(self, key, value):
@@ -70,12 +68,13 @@ class QuestKV:
             raise SageKVError("after prefill the Quest cache takes one token per step")
         t, ops = self.length, self.ops
         if t == self.keys.shape[2]:
-            self.keys, self.values = self._with_room(self.keys), self._with_room(self.values)
+            self.keys, self.values = self._grown(self.keys, self.growth), self._grown(self.values, self.growth)
         self.keys[:, :, t : t + 1] = key
         self.values[:, :, t : t + 1] = value
         p = t // self.page
         if p == self.page_min.shape[2]:
-            self.page_min, self.page_max = self._with_page_room(self.page_min), self._with_page_room(self.page_max)
+            self.page_min = self._grown(self.page_min, self.page_growth)
+            self.page_max = self._grown(self.page_max, self.page_growth)
         if t % self.page == 0:
             self.page_min[:, :, p : p + 1], self.page_max[:, :, p : p + 1] = key, key
         else:
