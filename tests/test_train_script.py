@@ -119,8 +119,10 @@ def test_train_save_resume_and_reload(tmp_path):
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name
     card = (more / "model" / "README.md").read_text()
-    assert f"started from the weights of `{out / 'model'}`" in card and "### Earlier training" in card
-    assert f"{second['step']} optimizer steps" in card  # the earlier run's record
+    runs = card.split("### Training runs, in order\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert len(runs) == 2 and runs[0].startswith(f"1. {second['step']} optimizer steps")  # the earlier run's record
+    assert runs[1].startswith("2. 0 optimizer steps") and "from run 1's weights" in runs[1]
+    assert f"{second['step']} optimizer steps in {second['elapsed'] / 60:.1f} minutes of training in all" in card
     with pytest.raises(SystemExit, match="cannot read config.json"):
         script.main(["--out", str(tmp_path / "bad"), "--init-from", str(tmp_path / "nowhere"), *TINY])
 
