@@ -9,7 +9,9 @@ import numpy as np
 from . import tasks
 from .policies import Full
 
-TASK, LENGTH, SEED, BUDGET = "multi_key", 4096, 0, 256
+# Seed 1: full attention misses seed 0 (the model scores 0.95 on multi_key at 4K), and a demo of eviction
+# needs a sample the full cache answers.
+TASK, LENGTH, SEED, BUDGET = "multi_key", 4096, 1, 256
 
 
 @dataclass
@@ -46,13 +48,14 @@ def report(example: Example, policy_label: str, layers: int) -> str:
     verdict = lambda r: "correct" if tasks.score(s, r.text) == 1 else "wrong"  # noqa: E731
     question = s.question.strip().splitlines()[0]
     share = evicted.stats.kept_kv_bytes / full.stats.kept_kv_bytes
+    width = max(len("full attention"), len(policy_label)) + 1
     lines = [
         f"Built-in example: {s.task}, {full.prompt_tokens} tokens (evaluation seed {s.seed})",
         question,
-        f"expected        : {s.answer}",
-        f"full attention  : {full.text.strip()!r} [{verdict(full)}]  KV {full.stats.kept_kv_bytes / 2**20:.2f} MiB, "
+        f"{'expected':<{width}}: {s.answer}",
+        f"{'full attention':<{width}}: {full.text.strip()!r} [{verdict(full)}]  KV {full.stats.kept_kv_bytes / 2**20:.2f} MiB, "
         f"all {full.prompt_tokens} positions kept",
-        f"{policy_label:<16}: {evicted.text.strip()!r} [{verdict(evicted)}]  KV {evicted.stats.kept_kv_bytes / 2**20:.2f} MiB "
+        f"{policy_label:<{width}}: {evicted.text.strip()!r} [{verdict(evicted)}]  KV {evicted.stats.kept_kv_bytes / 2**20:.2f} MiB "
         f"({share:.1%} of full)",
     ]
     kept_layers = example.answer_kept_layers()

@@ -49,3 +49,18 @@ def test_both_backends_give_the_same_right_answer(task):
         assert (on_torch.kept_positions is None) == (on_mlx.kept_positions is None)
         for a, b in zip(on_torch.kept_positions or [], on_mlx.kept_positions or []):
             np.testing.assert_array_equal(a, b)
+
+
+@needs_torch
+def test_main_job_answers_the_built_in_example():
+    """`sagekv run` with no arguments (the README's main job) on the bundled model, with full attention right."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "sagekv.cli", "run", "--backend", "torch", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    assert record["model"] == "sagekv reference model" and record["task"] == "multi_key"
+    assert record["full_text"].strip() == record["expected"]
+    assert record["kv"]["kept_bytes"] < record["kv"]["full_bytes"] / 10
