@@ -66,16 +66,23 @@ def best_variant(metrics: list, variants: list) -> tuple:
     return (max(means, key=means.get) if means else None), means
 
 
-def comparisons_markdown(metrics: list) -> str:
-    """The answers to the paper's questions, as markdown."""
+def solved_tasks(metrics: list, threshold: float = 0.8) -> list:
+    """Tasks on which full attention reaches ``threshold`` at every length: where eviction can be judged."""
+    tasks = dict.fromkeys(m["task"] for m in metrics)
+    return [t for t in tasks if all(m["accuracy"] >= threshold for m in metrics if m["task"] == t and m["policy"] == "full")]
+
+
+def comparisons_markdown(metrics: list, level: int = 2) -> str:
+    """The answers to the paper's questions, as markdown with headings at ``level``."""
     variants = [v for v in VARIANTS if any(m["policy"] == v for m in metrics)]
     winner, means = best_variant(metrics, variants)
-    lines = ["## SAGE-KV against full attention at 1/16 of the context", "",
+    h = "#" * level
+    lines = [f"{h} SAGE-KV against full attention at 1/16 of the context", "",
              "| length | budget | policy | accuracy | full attention | gap |", "|---|---|---|---|---|---|"]
     for policy in variants:
         for length, budget, ours, full in gap_to_full(metrics, policy):
             lines.append(f"| {length} | {budget} | {policy} | {ours:.3f} | {full:.3f} | {ours - full:+.3f} |")
-    lines += ["", "## Budget at which SAGE-KV matches a baseline with more memory", "",
+    lines += ["", f"{h} Budget at which SAGE-KV matches a baseline with more memory", "",
               "| length | policy | baseline at | smallest budget B | policy at B | baseline at ratio x B |",
               "|---|---|---|---|---|---|"]
     for length in lengths_of(metrics):
@@ -84,7 +91,7 @@ def comparisons_markdown(metrics: list) -> str:
                 found = matching_budget(metrics, policy, baseline, ratio, length)
                 cells = (f"{found[0]} | {found[1]:.3f} | {found[2]:.3f}" if found else "none in the grid | - | -")
                 lines.append(f"| {length} | {policy} | {baseline} x{ratio} | {cells} |")
-    lines += ["", "## Which SAGE-KV variant to ship", "",
+    lines += ["", f"{h} Which SAGE-KV variant to ship", "",
               "Mean accuracy over every length and budget all of them were run at:", ""]
     lines += [f"- `{v}`: {x:.3f}" for v, x in sorted(means.items(), key=lambda kv: -kv[1])]
     if winner:

@@ -11,7 +11,7 @@ import argparse
 import os
 
 import sagekv
-from sagekv.analysis import comparisons_markdown
+from sagekv.analysis import comparisons_markdown, solved_tasks
 from sagekv.evaluate import evaluate, summary_markdown
 from sagekv.policies import NAMED
 from sagekv.tasks import TASKS
@@ -40,9 +40,16 @@ def main():
                        [int(b) for b in args.budgets.split(",")], args.samples, 0, args.out)
     command = "python scripts/make_results_page.py " + " ".join(
         f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out")
-    page = [f"# Results: {model.name} ({model.backend})", "",
+    solved = solved_tasks(metrics)
+    if solved and len(solved) < len({m["task"] for m in metrics}):  # judge eviction where full attention answers
+        comparisons = [f"## On the tasks full attention solves ({', '.join(solved)}: 0.8 or more at every length)", "",
+                       comparisons_markdown([m for m in metrics if m["task"] in solved], level=3),
+                       "## On all tasks", "", comparisons_markdown(metrics, level=3)]
+    else:
+        comparisons = [comparisons_markdown(metrics)]
+    page = [f"# Results: {model.name} ({model.backend}, device {getattr(model.runner, 'device', 'default')})", "",
             f"Regenerate with `{command}` ({args.samples} evaluation seeds per task and length).", "",
-            "![accuracy against budget](accuracy_vs_budget.png)", "", comparisons_markdown(metrics),
+            "![accuracy against budget](accuracy_vs_budget.png)", "", *comparisons,
             summary_markdown(metrics, "per task").split("\n", 1)[1]]
     with open(os.path.join(args.out, "README.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(page))

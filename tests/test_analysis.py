@@ -1,6 +1,6 @@
 """The paper's comparisons computed from hand-made metrics."""
 
-from sagekv.analysis import best_variant, comparisons_markdown, gap_to_full, matching_budget, task_mean
+from sagekv.analysis import best_variant, comparisons_markdown, gap_to_full, matching_budget, solved_tasks, task_mean
 
 BUDGETS = [64, 128, 256, 512, 1024, 2048]
 
@@ -55,6 +55,14 @@ def test_best_variant_and_page():
     assert "| 2048 | sagekv_follow | streaming x4 | 64 |" in page  # the best variant is compared too
     assert "| 2048 | sagekv_pool | streaming" not in page
     assert "Highest: `sagekv_follow`." in page
+    assert comparisons_markdown(grid(), level=3).startswith("### SAGE-KV against full attention")
+
+
+def test_solved_tasks_are_those_full_attention_answers_at_every_length():
+    metrics = grid()  # full attention: task a 0.9, task b 0.95
+    assert solved_tasks(metrics) == ["a", "b"] and solved_tasks(metrics, 0.92) == ["b"]
+    metrics.append(cell("a", 4096, "full", None, 0.5))  # a fails at one length
+    assert solved_tasks(metrics) == ["b"]
 
 
 def test_results_page_script(tiny_checkpoints, tmp_path):
