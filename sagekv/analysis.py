@@ -43,11 +43,14 @@ def gap_to_full(metrics: list, policy: str, fraction: float = 1 / 16) -> list:
 
 
 def matching_budget(metrics: list, policy: str, baseline: str, ratio: int, length: int):
-    """Smallest budget B at which ``policy`` reaches ``baseline``'s accuracy at ratio x B, with both values."""
+    """Smallest budget B at which ``policy`` reaches ``baseline``'s accuracy at ratio x B, with both values.
+
+    Both at zero is no match: it says nothing about memory.
+    """
     for budget in budgets_of(metrics, policy):
         ours = task_mean(metrics, policy, budget, length)
         theirs = task_mean(metrics, baseline, budget * ratio, length)
-        if ours is not None and theirs is not None and ours >= theirs:
+        if ours is not None and theirs is not None and ours >= theirs and ours > 0:
             return budget, ours, theirs
     return None
 

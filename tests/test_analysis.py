@@ -43,6 +43,8 @@ def test_matching_budget():
     # quest at 2B: 64 -> 128 gives 0.55 > 0.525; 128 -> 256 gives 0.65 > 0.625; 256 -> 512: 0.75 > 0.725 ...
     assert matching_budget(grid(), "sagekv", "quest", 2, 2048) is None
     assert matching_budget(grid(), "sagekv_pool", "quest", 2, 2048)[0] == 64
+    zeros = [dict(m, accuracy=0.0) for m in grid() if m["policy"] in ("sagekv", "streaming")]
+    assert matching_budget(zeros, "sagekv", "streaming", 4, 2048) is None  # 0 against 0 is no match
 
 
 def test_best_variant_and_page():
