@@ -10,7 +10,7 @@ import click
 
 from .errors import SageKVError
 from .generate import DTYPES, load
-from .policies import NAMED, make_policy
+from .policies import DEFAULT_POLICY, NAMED, make_policy
 
 
 @click.group()
@@ -22,7 +22,8 @@ def cli():
 @cli.command()
 @click.option("--backend", type=click.Choice(["mlx", "torch"]), default=None, help="Default: mlx on Apple silicon, else torch.")
 @click.option("--model", "model_path", default=None, help="Local checkpoint directory or Hugging Face id.")
-@click.option("--policy", type=click.Choice(list(NAMED)), default="sagekv", show_default=True)
+@click.option("--policy", type=click.Choice(list(NAMED)), default=DEFAULT_POLICY, show_default=True,
+              help="sagekv is the paper's setting.")
 @click.option("--budget", type=int, default=None, help="KV entries kept per KV head (every policy but full; 256 for the built-in example).")
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-file", default=None, help="Read the prompt from this file.")
@@ -118,7 +119,7 @@ def run_example(backend, model_path, policy, budget, device, dtype, as_json):
 @click.option("--tasks", "task_list", default="single_needle,multi_key", show_default=True,
               help="Comma-separated task names, or longbench:FILE.jsonl.")
 @click.option("--lengths", default="2048,4096,8192", show_default=True, help="Prompt lengths in tokens (synthetic tasks).")
-@click.option("--policies", default="full,sagekv,streaming,snapkv,quest", show_default=True, help=f"From: {', '.join(NAMED)}.")
+@click.option("--policies", default=f"full,sagekv,{DEFAULT_POLICY},streaming,snapkv,quest", show_default=True, help=f"From: {', '.join(NAMED)}.")
 @click.option("--budgets", default="64,128,256,512,1024,2048", show_default=True, help="KV entries per KV head.")
 @click.option("--samples", type=int, default=20, show_default=True, help="Samples per task and length.")
 @click.option("--seed", type=int, default=0, show_default=True, help="First evaluation seed.")

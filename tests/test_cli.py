@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import needs_torch
+from sagekv.policies import DEFAULT_POLICY
 
 
 def sagekv(*args, cwd=None):
@@ -32,7 +33,7 @@ def test_run_json(checkpoint):
     record = json.loads(out.stdout)
     assert set(record) == {"text", "tokens", "prompt_tokens", "policy", "backend", "model", "kv", "timing"}
     assert len(record["tokens"]) == 5 and record["prompt_tokens"] == 4 * 28 + 1
-    assert record["policy"] == {"name": "sagekv", "budget": 16}
+    assert record["policy"] == {"name": DEFAULT_POLICY, "budget": 16}
     assert record["backend"] == "torch"
     assert record["kv"]["kept_bytes"] == 2 * 2 * 2 * 17 * 16 * 4 < record["kv"]["full_bytes"]
     assert set(record["timing"]) == {"prefill_s", "select_s", "decode_s", "decode_tokens_per_s"}
@@ -132,7 +133,7 @@ def test_run_without_prompt_shows_the_built_in_example(checkpoint):
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "Built-in example: multi_key" in text and "expected" in text and "full attention" in text
-    assert "sagekv B=256" in text and "of full" in text and "positions per head" in text
+    assert f"{DEFAULT_POLICY} B=256" in text and "of full" in text and "positions per head" in text
     record = json.loads(sagekv("run", "--backend", "torch", "--model", checkpoint, "--json", "--policy", "streaming").stdout)
     assert record["policy"] == {"name": "streaming", "budget": 256} and record["task"] == "multi_key"
     assert record["expected"].isdigit() and record["kv"]["kept_bytes"] < record["kv"]["full_bytes"]
