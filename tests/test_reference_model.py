@@ -32,7 +32,7 @@ def test_files_format_and_size():
 def test_both_backends_give_the_same_right_answer(task):
     import sagekv
     from sagekv import tasks
-    from sagekv.policies import Full, SageKV
+    from sagekv.policies import DEFAULT_POLICY, Full, SageKV, make_policy
 
     sample = tasks.generate(task, 1024, 0)  # MLX on a Linux CPU is slow (a 2K prefill takes ~30 s)
     max_tokens = len(sample.answer) + 2
@@ -42,7 +42,8 @@ def test_both_backends_give_the_same_right_answer(task):
         assert model.name == "sagekv reference model"  # reports name it, not a path on this machine
         ids = model.encode(sample.prompt)
         prefilled = model.prefill(ids, 1)
-        results[backend] = [model.decode(prefilled, policy, max_tokens) for policy in (Full(), SageKV(256, pool=9))]
+        policies = (Full(), SageKV(256, pool=9), make_policy(DEFAULT_POLICY, 256))
+        results[backend] = [model.decode(prefilled, policy, max_tokens) for policy in policies]
     assert tasks.score(sample, results["torch"][0].text) == 1.0  # full attention answers it
     for on_torch, on_mlx in zip(results["torch"], results["mlx"]):
         assert on_torch.tokens == on_mlx.tokens
