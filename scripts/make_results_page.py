@@ -11,7 +11,7 @@ import argparse
 import os
 
 import sagekv
-from sagekv.analysis import comparisons_markdown, solved_tasks
+from sagekv.analysis import SOLVED_SCORE, comparisons_markdown, solved_tasks
 from sagekv.evaluate import evaluate, summary_markdown
 from sagekv.policies import NAMED
 from sagekv.tasks import TASKS
@@ -42,7 +42,7 @@ def main():
         f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out")
     solved = solved_tasks(metrics)
     if solved and len(solved) < len({m["task"] for m in metrics}):  # judge eviction where full attention answers
-        comparisons = [f"## On the tasks full attention solves ({', '.join(solved)}: 0.8 or more at every length)", "",
+        comparisons = [f"## On the tasks full attention solves ({', '.join(solved)}: {SOLVED_SCORE} or more at every length)", "",
                        comparisons_markdown([m for m in metrics if m["task"] in solved], level=3),
                        "## On all tasks", "", comparisons_markdown(metrics, level=3)]
     else:

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from sagekv.analysis import SOLVED_SCORE
 from sagekv.checkpoints import byte_tokenizer
 from sagekv.tasks import EVAL_SEEDS, MIN_LENGTH, TASKS, TRAIN_SEEDS, generate, score
 
@@ -53,7 +54,6 @@ MONITOR_PER_TASK = 2
 SYNC_EVERY = 10  # steps between reading losses back from the GPU (each read waits for the GPU)
 RUNS_HEADING = "### Training runs, in order"  # the model card's run list, which --init-from extends
 RUN_ITEM = re.compile(r"^\d+\. ")
-WEAK_SCORE = 0.8  # a full-attention score under this marks a task the card calls weak
 # Settings that define the run; --resume takes them from the checkpoint so the run stays one run.
 FIXED_BY_CHECKPOINT = ("hidden", "layers", "heads", "kv_heads", "intermediate", "rope_theta", "stages",
                        "tokens_per_step", "tasks", "warmup_tasks", "init_from", "earlier_training",
@@ -469,8 +469,8 @@ def model_card(args, state, params, results, lengths, device):
              if all(done) else "see the runs below")
     run_list = "\n".join(f"{number}. {run}" for number, run in enumerate(runs, 1))
     history = f", in {len(runs)} runs, each from the weights of the one before (`--init-from`)" if len(runs) > 1 else ""
-    weak = [task for task, cells in results.items() if min(cell["score"] for cell in cells.values()) < WEAK_SCORE]
-    weak_line = (f"- Weak on {', '.join(weak)} (a score under {WEAK_SCORE} at some length above): eviction results "
+    weak = [task for task, cells in results.items() if min(cell["score"] for cell in cells.values()) < SOLVED_SCORE]
+    weak_line = (f"- Weak on {', '.join(weak)} (a score under {SOLVED_SCORE} at some length above): eviction results "
                  "on these tasks say little.\n" if weak else "")
     return f"""# sagekv reference model
 
