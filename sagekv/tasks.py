@@ -16,17 +16,27 @@ Tasks (answer prefix shown after "->"):
 - ``multi_query``: four needles, two keys asked; their values in asked order
   -> "Answer: The magic numbers for dorvex-tamil and pelu-stramik are "
 - ``variable_tracking``: two chains "VAR ABCDE = 4831907." ... "VAR FGHIJ = VAR
-  ABCDE." scattered in order; the names bound to one value, in chain order
-  -> "Answer: The variables assigned the value 4831907 are ". Each name after
-  the first is one hop from the name just written, so the chain is learnable.
+  ABCDE." scattered in order; the last variable of one chain is asked and the
+  answer traces its chain back to the value, in the statements' own words
+  -> "Answer: VAR KLMNO = VAR " then "FGHIJ = VAR ABCDE = 4831907" (five
+  hops for a chain of five). Each hop is a lookup of the name just written.
 - ``multi_doc_qa``: one document per ~400 bytes, at least three ("Document 3:\\n
   About the Velmora guild\\n<sentences with one fact>\\n\\n"), each with one fact
   (founder, city, leader or flagship) about its own organization; one is asked
   -> "Answer: The founder of the Velmora guild is "
 - ``multi_doc_qa_2hop``: "Tarsic Omblen works for the Velmora guild." and "The
   Velmora guild is based in the city of Kordan." in two documents, among
-  distractor documents holding the same kinds of facts about others
-  -> "Answer: The organization that Tarsic Omblen works for is based in the city of "
+  distractor documents holding the same kinds of facts about others; asked for
+  the city, the answer states both facts, the bridge first
+  -> "Answer: Tarsic Omblen works for " then "the Velmora guild. The Velmora
+  guild is based in the city of Kordan"
+
+Both multi-hop tasks have the model write out each hop. The first versions
+asked for the hops' results only: RULER's "which variables hold this value"
+(each hop copies the name written *before* a match) and the city alone (two
+lookups in one step); the 12M-parameter reference model scored 0.42-0.45 and
+0.15-0.45 on them after 31.5 minutes of training, while every written-out
+lookup task scored 0.85 or more.
 
 The haystack is generated per sample from templates over invented syllable
 words; it contains no digits (numbers are spelled out) and no hyphens, so the
@@ -43,7 +53,8 @@ and only its ``random()`` method, whose sequence Python keeps stable, is used.
 
 Scoring (``score(sample, text)`` in [0, 1]): single-answer tasks score 1.0 iff
 the text, without leading whitespace, starts with ``sample.answer`` followed by
-a non-alphanumeric character or the end; multi-answer tasks score the fraction
+a non-alphanumeric character or the end (for multi_doc_qa_2hop the answer is
+both facts, so both hops must be right); multi-answer tasks score the fraction
 of ``sample.answers`` found in the text as whole tokens.
 """
 
@@ -62,7 +73,7 @@ class Sample:
     seed: int
     prompt: str
     answer: str  # exactly what the model should write right after the prompt
-    answers: tuple[str, ...]  # the individual items of `answer`
+    answers: tuple[str, ...]  # the items `score` looks for in the generation
     documents: tuple[str, ...]  # multi_doc tasks only: prompt == "".join(documents) + question
     question: str  # the prompt's suffix after the context, ending with the answer prefix
 
@@ -253,14 +264,15 @@ def _weave(src: Source, budget: int, inserts: list[str]) -> str:
     return "".join(unit + separator for unit, separator in zip(units, separators))
 
 
-# What a task builds from a Source and a target length: (prompt, answers, documents, question).
-Parts = tuple[str, tuple[str, ...], tuple[str, ...], str]
+# What a task builds from a Source and a target length: (prompt, answer, answers, documents, question).
+Parts = tuple[str, str, tuple[str, ...], tuple[str, ...], str]
 
 
 def _needle_task(src: Source, length: int, header: str, inserts: list[str], question: str,
-                 answers: tuple[str, ...]) -> Parts:
+                 answers: tuple[str, ...], answer: str = "") -> Parts:
+    """`answer` defaults to the answers joined by ", "."""
     context = _weave(src, length - len(header) - len(question), inserts)
-    return header + context + question, answers, (), question
+    return header + context + question, answer or ", ".join(answers), answers, (), question
 
 
 def _magic_question(key: str) -> str:
@@ -311,9 +323,11 @@ def variable_tracking(src: Source, length: int) -> Parts:
     while any(pending):
         inserts.append(src.choice([p for p in pending if p]).pop(0))
     header = "Chains of variable assignments are hidden in the text below. Track them.\n\n"
-    question = (f"\nQuestion: Which variables are assigned the value {values[0]}, directly or through other "
-                f"variables?\nAnswer: The variables assigned the value {values[0]} are ")
-    return _needle_task(src, length, header, inserts, question, tuple(chains[0]))
+    *sources, asked = chains[0]
+    question = (f"\nQuestion: What is the value of VAR {asked}? Follow its chain of assignments back to the number."
+                f"\nAnswer: VAR {asked} = VAR ")
+    hops = (*reversed(sources), values[0])  # each the right-hand side of the statement of the one before
+    return _needle_task(src, length, header, inserts, question, hops, " = VAR ".join(hops[:-1]) + f" = {hops[-1]}")
 
 
 def _documents(src: Source, length: int, question: str, facts: list[tuple[str, str]]) -> tuple[str, ...]:
@@ -345,7 +359,7 @@ def multi_doc_qa(src: Source, length: int) -> Parts:
         questions.append((_doc_question(question.format(**fields), prefix), value))
     question, value = src.choice(questions)
     documents = _documents(src, length, question, facts)
-    return "".join(documents) + question, (value,), documents, question
+    return "".join(documents) + question, value, (value,), documents, question
 
 
 def multi_doc_qa_2hop(src: Source, length: int) -> Parts:
@@ -356,11 +370,12 @@ def multi_doc_qa_2hop(src: Source, length: int) -> Parts:
              for person, organization, city in chains]
     distractors = src.shuffled(fact for pair in pairs[1:] for fact in pair)[:count - 2]
     facts = src.shuffled(pairs[0] + distractors)
-    person, _, city = chains[0]
+    person, organization, city = chains[0]
     question = _doc_question(f"In which city is the organization that {person} works for based?",
-                             f"The organization that {person} works for is based in the city of ")
+                             f"{person} works for ")
+    answer = f"{organization}. {_capitalize(organization)} is based in the city of {city}"
     documents = _documents(src, length, question, facts)
-    return "".join(documents) + question, (city,), documents, question
+    return "".join(documents) + question, answer, (answer,), documents, question
 
 
 # Task name -> the function that builds its Parts; call generate() rather than these directly.
@@ -381,8 +396,7 @@ def generate(task: str, length: int, seed: int) -> Sample:
     if length < MIN_LENGTH[task]:
         raise ValueError(f"length {length} is too small for task {task!r} (minimum {MIN_LENGTH[task]})")
     _check_seed(seed)
-    prompt, answers, documents, question = TASKS[task](Source(task, length, seed), length)
-    return Sample(task, length, seed, prompt, ", ".join(answers), answers, documents, question)
+    return Sample(task, length, seed, *TASKS[task](Source(task, length, seed), length))
 
 
 def split_of(seed: int) -> str:

@@ -18,9 +18,9 @@ PROMPT_DIGESTS = {
     "multi_key": "3dd15508c14eb2f0",
     "multi_value": "455b89a06e43426b",
     "multi_query": "5e93bf6bb3bc06b0",
-    "variable_tracking": "9e9a12eadbfdee1f",
+    "variable_tracking": "b8c27ecf724b3190",
     "multi_doc_qa": "07e11ef30150332c",
-    "multi_doc_qa_2hop": "c847d612bab21d84",
+    "multi_doc_qa_2hop": "fab5dd6ef5a9f17a",
 }
 
 
@@ -64,7 +64,10 @@ def test_prompt_ends_with_question_and_answer_prefix(task):
     assert sample.prompt.endswith(sample.question)
     assert sample.question.startswith(("\nQuestion: ", "Question: "))
     assert "\nAnswer: " in sample.question and sample.question.endswith(" ")
-    assert sample.answer == ", ".join(sample.answers)
+    if task in ("variable_tracking", "multi_doc_qa_2hop"):  # hops written out in the facts' own words
+        assert all(item in sample.answer for item in sample.answers)
+    else:
+        assert sample.answer == ", ".join(sample.answers)
     assert (len(sample.documents) > 0) == (task in DOC_TASKS)
 
 
@@ -96,15 +99,19 @@ def test_single_needle_answer_prefix_repeats_the_needle():
 def test_variable_tracking_chain_is_consistent():
     for seed in SEEDS:
         sample = generate("variable_tracking", 2048, seed)
-        values = {}
+        sources = {}
         for variable, number, source in STATEMENT.findall(sample.prompt):
-            assert variable not in values
-            assert number or source in values  # every variable is assigned before it is used
-            values[variable] = number or values[source]
-        asked = re.search(r"assigned the value (\d{7}) are $", sample.question).group(1)
-        holders = tuple(variable for variable, value in values.items() if value == asked)
-        assert sample.answers == holders and len(holders) == 5
-        assert len(set(values.values())) == 2  # one distractor chain
+            assert variable not in sources
+            assert number or source in sources  # every variable is assigned before it is used
+            sources[variable] = number or source
+        asked = re.search(r"Answer: VAR ([A-Z]{5}) = VAR $", sample.question).group(1)
+        hops = [sources[asked]]
+        while hops[-1] in sources:
+            hops.append(sources[hops[-1]])
+        assert sample.answers == tuple(hops) and len(hops) == 5 and hops[-1].isdigit()
+        assert sample.answer == " = VAR ".join(hops[:-1]) + " = " + hops[-1]
+        assert asked not in sources.values()  # the asked variable ends its chain
+        assert sum(source.isdigit() for source in sources.values()) == 2  # one distractor chain
 
 
 @pytest.mark.parametrize("task", NEEDLE_TASKS + ["variable_tracking"])
@@ -156,15 +163,16 @@ def test_multi_doc_qa_2hop_needs_two_documents():
     for seed in SEEDS:
         sample = generate("multi_doc_qa_2hop", 4096, seed)
         person = re.search(r"organization that (.+) works for based\?", sample.question).group(1)
+        assert sample.question.endswith(f"Answer: {person} works for ")
         employment = re.compile(rf"{person} works for (the [A-Za-z]+ [a-z]+)\.")
         [(works, organization)] = [(i, match.group(1)) for i, document in enumerate(sample.documents)
                                    if (match := employment.search(document))]
-        based = f"{organization[0].upper()}{organization[1:]} is based in the city of {sample.answer}."
+        city = re.fullmatch(rf"{organization}\. (.+) is based in the city of ([A-Za-z]+)", sample.answer)
+        assert city.group(1) == organization[0].upper() + organization[1:]
+        based = f"{city.group(1)} is based in the city of {city.group(2)}."
         [located] = [i for i, document in enumerate(sample.documents) if based in document]
         assert works != located
-        assert sample.prompt.count(sample.answer) == 1
-        prefix = f"Answer: The organization that {person} works for is based in the city of "
-        assert sample.question.endswith(prefix)
+        assert sample.prompt.count(city.group(2)) == 1 and sample.answers == (sample.answer,)
 
 
 @pytest.mark.parametrize("task", TASKS)
