@@ -90,7 +90,9 @@ def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: li
     os.makedirs(out, exist_ok=True)
     check_run(out, model)
     path = os.path.join(out, "predictions.jsonl")
-    done = {record_key(r) for r in read_predictions(path)}
+    records = read_predictions(path)
+    check_answers(path, records, cases)
+    done = {record_key(r) for r in records}
     todo = [(case, [cell for cell in grid if record_key(key_of(case, cell)) not in done]) for case in cases]
     window = max(policy.observed_queries for _, _, policy in grid)
     bar = progress_bar(sum(len(pending) for _, pending in todo), progress)
@@ -156,17 +158,28 @@ def read_predictions(path: str) -> list:
 
 
 def check_run(out: str, model) -> None:
-    """A results directory belongs to one model and backend; refuse to mix runs."""
+    """A results directory belongs to one model (its weights too) and backend; refuse to mix runs."""
     path = os.path.join(out, "run.json")
-    identity = {"model": model.name, "backend": model.backend}
+    identity = {"model": model.name, "backend": model.backend, "weights": model.weights}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             previous = json.load(f)
         if previous != identity:
-            raise SageKVError(f"{out} holds results of {previous['model']} on {previous['backend']}; use another --out")
+            same_name = (previous.get("model"), previous.get("backend")) == (model.name, model.backend)
+            raise SageKVError(f"{out} holds results of {'other weights of ' if same_name else ''}{previous.get('model')} "
+                              f"on {previous.get('backend')}; use another --out")
     else:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(identity, f)
+
+
+def check_answers(path: str, records: list, cases: list) -> None:
+    """Records whose sample now has another answer were made by an older task generator or data file."""
+    expected = {(case.task, case.length, case.seed): case.answer for case in cases}
+    for r in records:
+        if expected.get((r["task"], r["length"], r["seed"]), r["answer"]) != r["answer"]:
+            raise SageKVError(f"{path} holds predictions for other {r['task']} samples (seed {r['seed']} now has "
+                              f"another answer: the tasks or the data changed); use another --out")
 
 
 def summarize(records: list) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -16,6 +17,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "float16", "bfloat16")
 PREFILL_CHUNK = 2048
 REFERENCE_MODEL = os.path.join(os.path.dirname(__file__), "reference_model")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".npz", ".pt")
+FINGERPRINT_BYTES = 1 << 20
 
 
 @dataclass
@@ -100,14 +103,31 @@ def load(model: Optional[str] = None, backend: Optional[str] = None, device=None
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SageKVError(f"cannot load model {model} with {module.Runner.name}: {message}") from None
     check_model_type(runner.model_type)  # a hub id's config is only seen by the loader
-    return SageModel(runner, name)
+    return SageModel(runner, name, weights_fingerprint(model))
+
+
+def weights_fingerprint(path: str) -> Optional[str]:
+    """Digest of a local checkpoint's weight files (names, sizes, first and last MiB): it changes when the
+    model is retrained or replaced, and reads 2 MiB per file however large the checkpoint. None for hub ids."""
+    if not os.path.isdir(path):
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES)):
+        file = os.path.join(path, name)
+        size = os.path.getsize(file)
+        digest.update(f"{name}:{size};".encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(FINGERPRINT_BYTES))
+            f.seek(max(size - FINGERPRINT_BYTES, 0))
+            digest.update(f.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()[:16]
 
 
 class SageModel:
     """A loaded model; :meth:`generate` runs full-attention prefill, one selection, then decode."""
 
-    def __init__(self, runner, name: str):
-        self.runner, self.name = runner, name
+    def __init__(self, runner, name: str, weights: Optional[str] = None):
+        self.runner, self.name, self.weights = runner, name, weights
         self.backend = runner.name
 
     def encode(self, text: str, chat: bool = False) -> list:

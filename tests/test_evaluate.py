@@ -115,6 +115,35 @@ def test_eval_refuses_another_models_directory(tiny_models, tmp_path):
         evaluate(tiny_models("qwen2", "torch"), ["single_needle"], [512], ["full"], [64], 1, 0, out, progress=False)
 
 
+def test_eval_refuses_a_retrained_model_and_changed_samples(tiny_checkpoints, tmp_path):
+    import shutil
+
+    import sagekv
+    from sagekv.evaluate import evaluate
+
+    checkpoint, out = str(tmp_path / "model"), str(tmp_path / "run")
+    shutil.copytree(tiny_checkpoints["llama"], checkpoint)
+    args = (["single_needle"], [512], ["full"], [64], 2, 0, out)
+    evaluate(sagekv.load(checkpoint, backend="torch", device="cpu"), *args, progress=False)
+    predictions = os.path.join(out, "predictions.jsonl")
+    before = open(predictions).read()
+
+    lines = before.splitlines(keepends=True)
+    record = json.loads(lines[0])
+    open(predictions, "w").writelines([json.dumps({**record, "answer": "1234567"}) + "\n", *lines[1:]])
+    with pytest.raises(SageKVError, match="other single_needle samples"):
+        evaluate(sagekv.load(checkpoint, backend="torch", device="cpu"), *args, progress=False)
+    open(predictions, "w").write(before)
+
+    weights = os.path.join(checkpoint, "model.safetensors")  # the same name and size, other values
+    data = bytearray(open(weights, "rb").read())
+    data[-8:] = bytes(8)
+    open(weights, "wb").write(bytes(data))
+    with pytest.raises(SageKVError, match="holds results of other weights of"):
+        evaluate(sagekv.load(checkpoint, backend="torch", device="cpu"), *args, progress=False)
+    assert open(predictions).read() == before  # refused without touching the results
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
