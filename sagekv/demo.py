@@ -9,9 +9,7 @@ import numpy as np
 from . import tasks
 from .policies import Full
 
-# Seed 1: full attention misses seed 0 (the model scores 0.95 on multi_key at 4K), and a demo of eviction
-# needs a sample the full cache answers.
-TASK, LENGTH, SEED, BUDGET = "multi_key", 4096, 1, 256
+TASK, LENGTH, SEED, BUDGET = "multi_key", 4096, 0, 256
 
 
 @dataclass
