@@ -370,10 +370,11 @@ def multi_doc_qa_2hop(src: Source, length: int) -> Parts:
              for person, organization, city in chains]
     distractors = src.shuffled(fact for pair in pairs[1:] for fact in pair)[:count - 2]
     facts = src.shuffled(pairs[0] + distractors)
-    person, organization, city = chains[0]
-    question = _doc_question(f"In which city is the organization that {person} works for based?",
-                             f"{person} works for ")
-    answer = f"{organization}. {_capitalize(organization)} is based in the city of {city}"
+    person, organization, _ = chains[0]
+    (_, employment), (_, location) = pairs[0]
+    prefix = employment.removesuffix(f"{organization}.")
+    question = _doc_question(f"In which city is the organization that {person} works for based?", prefix)
+    answer = f"{employment} {location}".removeprefix(prefix).removesuffix(".")  # both facts, bridge first
     documents = _documents(src, length, question, facts)
     return "".join(documents) + question, answer, (answer,), documents, question
 
