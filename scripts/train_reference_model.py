@@ -7,12 +7,15 @@
         --stages 8192 --minutes 10                                                   # train a saved model further
 
 Trains first on the --warmup-tasks alone (the magic-number tasks: retrieving digits needs a circuit that a
-mixture of all tasks may never form), then on a mixture of all tasks, with an adaptive length curriculum
-(512 -> ... -> 8192 tokens). Each stage ends when the moving average of its answer loss falls under
---threshold, or when it has used --stage-share of the budget; about a third of the batches repeat shorter
-lengths so that short contexts are not forgotten. The loss is the mean cross-entropy over answer tokens (the
-answer and </s>) plus --context-weight x the mean over prompt tokens. The learning rate warms up over
---warmup-steps, then follows a cosine over the training time, so it reaches --min-lr when the budget is spent.
+mixture of all tasks may never form), then on a mixture of all tasks, with an adaptive length curriculum (512
+-> ... -> 8192 tokens). Each stage ends when the moving average of its answer loss falls under --threshold, or
+when it has used --stage-share of the budget (--first-stage-share for the first, where retrieval has to form);
+about a third of the batches repeat shorter lengths so that short contexts are not forgotten. A --focus share
+of each batch's samples goes to tasks in proportion to their answer loss over the last log interval (the rest
+is spread evenly), so the tasks not yet learned get more of the time. The loss is the mean cross-entropy over
+answer tokens (the answer and </s>) plus --context-weight x the mean over prompt tokens. The learning rate
+warms up over --warmup-steps, then follows a cosine over the training time, so it reaches --min-lr when the
+budget is spent.
 
 --out DIR gets checkpoint.pt (every --save-every seconds and at the end), train_log.jsonl, model/ (bf16
 weights + byte tokenizer, loadable by transformers and mlx-lm) and final_eval.json (greedy decoding with
@@ -57,7 +60,7 @@ RUN_ITEM = re.compile(r"^\d+\. ")
 # Settings that define the run; --resume takes them from the checkpoint so the run stays one run.
 FIXED_BY_CHECKPOINT = ("hidden", "layers", "heads", "kv_heads", "intermediate", "rope_theta", "stages",
                        "tokens_per_step", "tasks", "warmup_tasks", "init_from", "earlier_training",
-                       "current_share", "threshold", "average_steps", "stage_share",
+                       "current_share", "threshold", "average_steps", "stage_share", "first_stage_share", "focus",
                        "lr", "min_lr", "warmup_steps", "weight_decay", "context_weight")
 
 
@@ -87,8 +90,11 @@ def parse_args(argv=None):
     p.add_argument("--current-share", type=float, default=0.65, help="share of batches at the stage's length")
     p.add_argument("--threshold", type=float, default=0.3, help="answer-loss average that ends a stage")
     p.add_argument("--average-steps", type=int, default=50, help="window of that moving average")
-    p.add_argument("--stage-share", type=float, default=0.1, help="most of the budget one stage may use")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--stage-share", type=float, default=0.1, help="most of the budget one later stage may use")
+    p.add_argument("--first-stage-share", type=float, default=0.3, help="most of the budget the first stage may use")
+    p.add_argument("--focus", type=float, default=0.5,
+                   help="share of samples drawn by task answer loss rather than evenly (0: evenly)")
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--min-lr", type=float, default=2e-5)
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -115,14 +121,16 @@ def encode_batch(samples):
 
 
 class TrainBatches(IterableDataset):
-    """Batches first_batch, first_batch + 1, ... for one curriculum stage; batch b depends only on b and the stage.
+    """Batches first_batch, first_batch + 1, ... for one curriculum stage; batch b depends only on b, the stage
+    and the task weights.
 
     The DataLoader takes batches from its workers in turn, so worker w of n makes batches w, w + n, ...
     and the training loop receives them in order; a resumed run starts at the first batch not trained on.
     """
 
-    def __init__(self, plan, stage, tokens_per_step, current_share, first_batch):
+    def __init__(self, plan, stage, tokens_per_step, current_share, first_batch, task_weights):
         self.length, self.tasks = plan[stage]
+        self.task_weights = task_weights
         self.shorter = sorted({length for length, _ in plan[:stage] if length < self.length})
         self.tokens_per_step, self.current_share, self.first_batch = tokens_per_step, current_share, first_batch
 
@@ -140,7 +148,7 @@ class TrainBatches(IterableDataset):
         length = self.length if at_stage else rng.choice(self.shorter)
         size = min(MAX_BATCH, max(1, self.tokens_per_step // length))
         first_seed = TRAIN_SEEDS.start + index * MAX_BATCH
-        names = [rng.choice(self.tasks) for _ in range(size)]
+        names = rng.choices(self.tasks, self.task_weights, k=size)
         samples = [generate(name, length, first_seed + i) for i, name in enumerate(names)]
         return (length, *encode_batch(samples), torch.tensor([TASK_NAMES.index(name) for name in names]))
 
@@ -153,7 +161,7 @@ def ignore_stop_signals(_worker):
 
 def batches(args, state, device):
     dataset = TrainBatches(stage_plan(args), state["stage"], args.tokens_per_step, args.current_share,
-                           state["batches"])
+                           state["batches"], state["task_weights"])
     return iter(DataLoader(dataset, batch_size=None, num_workers=args.workers, pin_memory=device.type == "cuda",
                            prefetch_factor=4 if args.workers else None, worker_init_fn=ignore_stop_signals))
 
@@ -168,6 +176,16 @@ def stage_plan(args):
     warmup_tasks = [task for task in args.warmup_tasks.split(",") if task in tasks]
     warmup = [(lengths[0], warmup_tasks)] if warmup_tasks else []
     return warmup + [(length, tasks) for length in lengths]
+
+
+def task_weights(tasks, answer_losses, focus):
+    """Sampling weights of the stage's tasks: even, plus a `focus` share in proportion to each task's answer loss
+    (even until every task has one)."""
+    even = [1 / len(tasks)] * len(tasks)
+    known = [answer_losses.get(task) for task in tasks]
+    if None in known or sum(known) <= 0:
+        return even
+    return [(1 - focus) * e + focus * loss / sum(known) for e, loss in zip(even, known)]
 
 
 def build_model(args):
@@ -335,7 +353,8 @@ def train(args, model, optimizer, state, out, device, stop):
         steps_at_flush, last_flush = state["step"], state["elapsed"]
 
         learned = len(recent) == recent.maxlen and average < args.threshold
-        out_of_time = state["elapsed"] - state["stage_started"] > args.stage_share * budget
+        share = args.first_stage_share if state["stage"] == 0 else args.stage_share
+        out_of_time = state["elapsed"] - state["stage_started"] > share * budget
         if state["stage"] < len(plan) - 1 and (learned or out_of_time):
             samples = monitor_samples(stage_tasks, stage_length, 1)
             greedy_score, greedy_exact = greedy_scores(model, samples, device)
@@ -344,7 +363,8 @@ def train(args, model, optimizer, state, out, device, stop):
                    "from_tasks": stage_tasks, "to_tasks": plan[state["stage"] + 1][1],
                    "reason": "threshold" if learned else "time", "answer_loss_avg": average,
                    "greedy_score": greedy_score, "greedy_exact": greedy_exact})
-            state.update(stage=state["stage"] + 1, stage_started=state["elapsed"], recent=[])
+            state.update(stage=state["stage"] + 1, stage_started=state["elapsed"], recent=[],
+                         task_weights=task_weights(plan[state["stage"] + 1][1], state["task_losses"], args.focus))
             recent.clear()
             loader = batches(args, state, device)  # the old loader's prefetched batches are dropped, not trained on
 
@@ -352,16 +372,22 @@ def train(args, model, optimizer, state, out, device, stop):
             stage_length, stage_tasks = plan[state["stage"]]
             token_acc, exact = teacher_forced_accuracy(
                 model, monitor_samples(stage_tasks, stage_length, MONITOR_PER_TASK), device)
+            state["task_losses"] = {task: total / count for task, (total, count)
+                                    in zip(TASK_NAMES, by_task.T.tolist()) if count}
             write({"event": "log", "step": state["step"], "elapsed": round(state["elapsed"], 1),
                    "stage": state["stage"], "length": stage_length, "lr": lr,
                    "loss": sum(v[0] for v in interval) / len(interval),
                    "answer_loss": sum(v[1] for v in interval) / len(interval), "answer_loss_avg": average,
                    "steps_per_s": (state["step"] - steps_at_log) / (state["elapsed"] - last_log),
                    "heldout_token_acc": token_acc, "heldout_exact": exact,
-                   "answer_loss_by_task": {task: total / count for task, (total, count)
-                                           in zip(TASK_NAMES, by_task.T.tolist()) if count}})
+                   "answer_loss_by_task": state["task_losses"],
+                   "task_weights": dict(zip(stage_tasks, state["task_weights"]))})
             interval, steps_at_log, last_log = [], state["step"], state["elapsed"]
             by_task.zero_()
+            weights = task_weights(stage_tasks, state["task_losses"], args.focus)
+            if weights != state["task_weights"]:
+                state["task_weights"] = weights
+                loader = batches(args, state, device)  # prefetched batches are dropped and redrawn with the new weights
         if state["elapsed"] - last_save >= args.save_every:
             save_checkpoint(out / "checkpoint.pt", model, optimizer, state, args)
             last_save = state["elapsed"]
@@ -399,12 +425,18 @@ def main(argv=None):
         raise SystemExit(f"{checkpoint_path} {'does not exist' if args.resume else 'exists; pass --resume'}")
     checkpoint = torch.load(checkpoint_path, map_location="cpu") if args.resume else None
     if checkpoint:
+        missing = [name for name in FIXED_BY_CHECKPOINT if name not in checkpoint["args"]]
+        if missing:
+            raise SystemExit(f"{checkpoint_path} was written by an older version of this script "
+                             f"(no {', '.join(missing)}); start a new run")
         for name in FIXED_BY_CHECKPOINT:
             setattr(args, name, checkpoint["args"][name])
         args.minutes = args.minutes if args.minutes is not None else checkpoint["args"]["minutes"]
     args.minutes = args.minutes if args.minutes is not None else 20.0
     if args.init_from and not checkpoint:
         take_shape(args)
+    if not 0 <= args.focus <= 1:
+        raise SystemExit(f"--focus {args.focus}: must be between 0 and 1")
     tasks, eval_lengths = args.tasks.split(","), [int(n) for n in args.eval_lengths.split(",")]
     for task in set(tasks + args.warmup_tasks.split(",")) - {""}:
         if task not in TASKS:
@@ -419,7 +451,8 @@ def main(argv=None):
         del earlier
     model = model.to(device)
     optimizer = make_optimizer(model, args, device)
-    state = {"step": 0, "batches": 0, "stage": 0, "stage_started": 0.0, "elapsed": 0.0, "recent": []}
+    state = {"step": 0, "batches": 0, "stage": 0, "stage_started": 0.0, "elapsed": 0.0, "recent": [],
+             "task_losses": {}, "task_weights": task_weights(stage_plan(args)[0][1], {}, args.focus)}
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -460,7 +493,8 @@ def model_card(args, state, params, results, lengths, device):
     start = f"from run {len(args.earlier_training)}'s weights" if args.init_from else f"from random weights (seed {args.seed})"
     this_run = (f"{state['step']} optimizer steps in {state['elapsed'] / 60:.1f} minutes on one {hardware}, {start}; "
                 f"tasks {', '.join(args.tasks.split(','))}; {warmup}lengths {args.stages} tokens by an adaptive "
-                f"curriculum ({stages or 'no stage change'}); {args.tokens_per_step} tokens per step; loss = answer "
+                f"curriculum ({stages or 'no stage change'}); {args.focus:g} of the samples drawn by task answer loss, "
+                f"the rest evenly; {args.tokens_per_step} tokens per step; loss = answer "
                 f"cross-entropy + {args.context_weight} x prompt cross-entropy; AdamW lr {args.lr:g} -> {args.min_lr:g} "
                 f"(cosine over training time), weight decay {args.weight_decay}, bf16 autocast.")
     runs = [*args.earlier_training, this_run]

@@ -79,7 +79,13 @@ def test_train_save_resume_and_reload(tmp_path):
     stage_changes = [r for r in log if r["event"] == "stage"]  # --stage-share moved it on
     assert stage_changes[0]["from_tasks"] == ["single_needle"]  # the warm-up tasks that are in --tasks come first
     assert stage_changes[0]["to_tasks"] == TASK_SUBSET.split(",")
+    for before, after in zip(records, records[1:]):  # sampling follows the last interval's losses
+        if before["stage"] == after["stage"]:
+            tasks = list(after["task_weights"])
+            assert list(after["task_weights"].values()) == pytest.approx(
+                script.task_weights(tasks, before["answer_loss_by_task"], 0.5))
     for record in records:  # per-task answer losses of the tasks trained since the previous record
+        assert sum(record["task_weights"].values()) == pytest.approx(1.0)
         losses = record["answer_loss_by_task"]
         assert losses and set(losses) <= set(TASK_SUBSET.split(",")) and all(v > 0 for v in losses.values())
         assert record["stage"] > 0 or set(losses) == {"single_needle"}
@@ -123,6 +129,13 @@ def test_train_save_resume_and_reload(tmp_path):
     assert len(runs) == 2 and runs[0].startswith(f"1. {second['step']} optimizer steps")  # the earlier run's record
     assert runs[1].startswith("2. 0 optimizer steps") and "from run 1's weights" in runs[1]
     assert f"{second['step']} optimizer steps in {second['elapsed'] / 60:.1f} minutes of training in all" in card
+    checkpoint = torch.load(out / "checkpoint.pt")
+    del checkpoint["args"]["focus"]
+    torch.save(checkpoint, out / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="older version of this script .no focus"):
+        script.main(["--out", str(out), "--resume"])
+    with pytest.raises(SystemExit, match="--focus 1.5: must be between 0 and 1"):
+        script.main(["--out", str(tmp_path / "bad"), "--focus", "1.5", *TINY])
     with pytest.raises(SystemExit, match="cannot read config.json"):
         script.main(["--out", str(tmp_path / "bad"), "--init-from", str(tmp_path / "nowhere"), *TINY])
 
@@ -134,18 +147,32 @@ def test_warmup_stage_then_all_tasks_with_shorter_lengths_replayed():
     plan = script.stage_plan(args)
     assert plan == [(512, ["single_needle"]), (512, TASK_SUBSET.split(",")), (1024, TASK_SUBSET.split(","))]
     for stage, (length, tasks) in enumerate(plan):
-        dataset = script.TrainBatches(plan, stage, 2048, 0.5, 0)
+        dataset = script.TrainBatches(plan, stage, 2048, 0.5, 0, [1 / len(tasks)] * len(tasks))
         for index in range(6):
             batch_length, ids, kinds, task_ids = dataset.batch(index)
             assert batch_length in (512, length) and len(ids) == len(task_ids) == 2048 // batch_length
             assert {script.TASK_NAMES[i] for i in task_ids.tolist()} <= set(tasks)
             assert (batch_length, ids.tolist()) == (dataset.batch(index)[0], dataset.batch(index)[1].tolist())
+    only_last = script.TrainBatches(plan, 1, 2048, 0.5, 0, [0, 0, 1])  # weights pick the tasks drawn
+    assert all(set(only_last.batch(index)[3].tolist()) == {script.TASK_NAMES.index(plan[1][1][2])} for index in range(4))
     for warmup in ("", "multi_key"):  # none, or none of them among --tasks: no warm-up stage
         assert script.stage_plan(script.parse_args(["--out", "unused", *TINY, "--warmup-tasks", warmup]))[0][1] == \
             TASK_SUBSET.split(",")
     full = script.stage_plan(script.parse_args(["--out", "unused"]))  # the defaults: 1 warm-up stage + 5 lengths
     assert full[0] == (512, ["single_needle", "multi_key"])
     assert [length for length, _ in full[1:]] == [512, 1024, 2048, 4096, 8192]
+
+
+@needs_torch
+def test_task_weights_favour_tasks_with_high_answer_loss():
+    script = load_script()
+    tasks = ["a", "b", "c", "d"]
+    assert script.task_weights(tasks, {}, 0.5) == [0.25] * 4
+    assert script.task_weights(tasks, {"a": 2.0, "b": 1.0, "c": 1.0}, 0.5) == [0.25] * 4  # d not measured yet
+    weights = script.task_weights(tasks, {"a": 3.0, "b": 1.0, "c": 0.0, "d": 0.0, "e": 9.0}, 0.5)
+    assert weights == pytest.approx([0.125 + 0.375, 0.125 + 0.125, 0.125, 0.125])
+    assert script.task_weights(tasks, {"a": 3.0, "b": 1.0, "c": 0.0, "d": 0.0}, 0.0) == [0.25] * 4
+    assert script.task_weights(tasks, dict.fromkeys(tasks, 0.0), 1.0) == [0.25] * 4  # all learned: even
 
 
 @needs_torch
