@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import contextvars
+import inspect
 
 import torch
 from transformers import AttentionInterface
@@ -185,6 +186,9 @@ class Runner:
         self.model_type = self.model.config.model_type
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns on every call)
+        parameters = inspect.signature(self.model.forward).parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
     def new_cache(self, observed_queries: int = 1):
         return SageCache(self.num_layers, observed_queries)
@@ -196,7 +200,11 @@ class Runner:
         positions = torch.arange(start, start + len(ids), device=self.device)[None]
         with cache.active():
             out = self.model(
-                input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1
+                input_ids=input_ids,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self.cache_argument: cache},
             )
         return out.logits[0, -1]
 
