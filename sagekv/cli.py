@@ -87,11 +87,11 @@ def json_record(result, model, policy: str, budget) -> dict:
         "backend": model.backend,
         "model": model.name,
         "kv": {"full_bytes": s.full_kv_bytes, "kept_bytes": s.kept_kv_bytes},
-        "timing": {
-            "prefill_s": s.prefill_s,
-            "select_s": s.select_s,
-            "decode_s": s.decode_s,
-            "decode_tokens_per_s": s.decode_tokens_per_s,
+        "timing": {  # milliseconds and tenths of a token per second: finer digits are noise
+            "prefill_s": round(s.prefill_s, 3),
+            "select_s": round(s.select_s, 3),
+            "decode_s": round(s.decode_s, 3),
+            "decode_tokens_per_s": round(s.decode_tokens_per_s, 1),
         },
     }
 
