@@ -186,7 +186,7 @@ class Runner:
         self.model_type = self.model.config.model_type
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns on every call)
+        # transformers 5.24 renamed `past_key_values` to `cache` (the old name prints a FutureWarning)
         parameters = inspect.signature(self.model.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
