@@ -9,10 +9,12 @@ while the physical rows shrink.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
@@ -77,8 +79,8 @@ class MlxOps:
         return mx.softmax(x, axis=-1, precise=True)
 
     @staticmethod
-    def attention(q, k, v, scale):
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    def attention(q, k, v, scale, mask=None):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
     @staticmethod
     def astype_like(x, like):
@@ -91,6 +93,9 @@ class MlxOps:
     @staticmethod
     def nbytes(x):
         return int(x.nbytes)
+
+
+STORED_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16"}  # safetensors' names
 
 
 class SageKVCache(KVCache):
@@ -106,13 +111,16 @@ class SageKVCache(KVCache):
         if self.decoder is None:
             return super().update_and_fetch(keys, values)
         self.decoder.append(keys, values)
-        self.offset += 1
+        self.offset = self.decoder.length
         return keys, values  # the attention wrapper reads the decoder instead
 
     def observe(self, queries):
         self.queries = last_queries(MlxOps, self.queries, queries, self.window)
 
     def compress(self, policy, layer: int):
+        if self.decoder is not None:  # assembled from stored documents (sagekv.rag): decode on it or compact it
+            self.decoder = self.decoder.decode_cache(policy, layer)
+            return
         keys, values = self.keys_and_values()
         self.decoder = policy.decode_cache(MlxOps, self.queries, keys, values, layer)
         if self.decoder is not None:
@@ -151,12 +159,37 @@ def _wrap_attention(original):
     return scaled_dot_product_attention
 
 
+class TokenPositions:
+    """A cache ``offset`` that gives every token of a layer-by-layer pass its own position."""
+
+    def __init__(self, positions):
+        self.array = positions
+
+
+class TokenRoPE(nn.Module):
+    """The model's RoPE, also applying one position per token when the offset is TokenPositions."""
+
+    def __init__(self, rope):
+        super().__init__()
+        self.rope = rope
+
+    def __call__(self, x, offset=0):
+        if not isinstance(offset, TokenPositions):
+            return self.rope(x, offset=offset)
+        # one token per batch row: mx.fast.rope takes one offset per row
+        return self.rope(x.transpose(2, 1, 0, 3), offset=offset.array).transpose(2, 1, 0, 3)
+
+
 def install_attention(model) -> None:
-    """Route the model module's attention through the SAGE-KV wrapper (idempotent)."""
+    """Route the model module's attention through the SAGE-KV wrapper and let its RoPE take
+    positions per token (idempotent)."""
     module = sys.modules[type(model).__module__]
     current = module.scaled_dot_product_attention
     if not hasattr(current, "sagekv_original"):
         module.scaled_dot_product_attention = _wrap_attention(current)
+    for layer in model.layers:
+        if not isinstance(layer.self_attn.rope, TokenRoPE):
+            layer.self_attn.rope = TokenRoPE(layer.self_attn.rope)
 
 
 def _rope_overrides(config: dict) -> dict:
@@ -190,6 +223,10 @@ class Runner:
         self.num_layers = len(self.model.layers)
         self.model_type = config.get("model_type", self.model.model_type)
         self.eos_ids = set(wrapper.eos_token_ids or [])
+        args = self.model.args
+        self.max_positions = config.get("max_position_embeddings", getattr(args, "max_position_embeddings", None))
+        self.kv_heads = args.num_key_value_heads
+        self.head_dim = self.model.layers[0].self_attn.k_proj.weight.shape[0] // self.kv_heads
 
     def new_cache(self, observed_queries: int = 1):
         return [SageKVCache(observed_queries) for _ in self.model.layers]
@@ -210,7 +247,7 @@ class Runner:
         return np.array(logits.astype(mx.float32))
 
     def compress(self, cache, policy):
-        if any(c.queries is None for c in cache):
+        if any(c.queries is None and c.decoder is None for c in cache):
             raise RuntimeError("attention was not routed through sagekv; is this model family supported?")
         for layer, c in enumerate(cache):
             c.compress(policy, layer)
@@ -227,3 +264,55 @@ class Runner:
 
     def sync(self):
         mx.synchronize()
+
+    # Layer by layer, for caches assembled from stored documents (sagekv.rag)
+
+    ops = MlxOps
+
+    def inference(self):
+        return contextlib.nullcontext()
+
+    def empty_kv(self):
+        dtype = self.model.model.embed_tokens.weight.dtype
+        return mx.zeros((1, self.kv_heads, 0, self.head_dim), dtype=dtype)
+
+    def wrap(self, decoders):
+        cache = self.new_cache()
+        for c, decoder in zip(cache, decoders):
+            c.decoder, c.offset = decoder, decoder.length
+        return cache
+
+    def decoders(self, cache) -> list:
+        return [c.decoder for c in cache]
+
+    def embed(self, ids):
+        return self.model.model.embed_tokens(mx.array(ids)[None])
+
+    def layer(self, index: int, hidden, positions, cache):
+        cache[index].offset = TokenPositions(mx.array(positions.astype(np.int32)))
+        return self.model.model.layers[index](hidden, None, cache=cache[index])
+
+    def head(self, hidden, cache):
+        hidden = self.model.model.norm(hidden)
+        if getattr(self.model.args, "tie_word_embeddings", False):
+            logits = self.model.model.embed_tokens.as_linear(hidden)[0, -1]
+        else:
+            logits = self.model.lm_head(hidden)[0, -1]
+        mx.eval(logits, [c.decoder.arrays for c in cache])
+        return logits
+
+    def rerotate(self, keys, shift: int):
+        """Keys [..., D] rotated on by ``shift`` positions with the model's own RoPE module."""
+        rope = self.model.layers[0].self_attn.rope.rope
+        if type(rope).__name__ not in ("RoPE", "Llama3RoPE"):
+            raise SageKVError(f"stored caches cannot be moved under {type(rope).__name__} (not a pure rotation)")
+        return rope(keys.reshape(-1, 1, keys.shape[-1]), offset=shift).reshape(keys.shape)
+
+    def raw(self, array):
+        """(numpy array, safetensors dtype) of an array; bfloat16 as its uint16 bits."""
+        tag = STORED_DTYPES[array.dtype]
+        return np.array(array.view(mx.uint16) if tag == "BF16" else array), tag
+
+    def from_raw(self, array, tag: str):
+        out = mx.array(array)
+        return out.view(mx.bfloat16) if tag == "BF16" else out

@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..errors import SageKVError
 from ..selection import last_queries
 
 ATTENTION = "sagekv"
@@ -82,8 +83,8 @@ class TorchOps:
         return torch.softmax(x, dim=-1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
     @staticmethod
-    def attention(q, k, v, scale):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+    def attention(q, k, v, scale, mask=None):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
     @staticmethod
     def astype_like(x, like):
@@ -122,6 +123,9 @@ class SageLayer(DynamicLayer):
         self.queries = last_queries(TorchOps, self.queries, queries, self.window)
 
     def compress(self, policy, layer: int):
+        if self.decoder is not None:  # assembled from stored documents (sagekv.rag): decode on it or compact it
+            self.decoder = self.decoder.decode_cache(policy, layer)
+            return
         self.decoder = policy.decode_cache(TorchOps, self.queries, self.keys, self.values, layer)
         if self.decoder is not None:
             self.keys = self.values = None  # release the full cache
@@ -166,6 +170,7 @@ AttentionInterface.register(ATTENTION, sagekv_attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORED_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}  # safetensors' names
 
 
 class Runner:
@@ -189,6 +194,10 @@ class Runner:
         # transformers 5.24 renamed `past_key_values` to `cache` (the old name prints a FutureWarning)
         parameters = inspect.signature(self.model.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        config = self.model.config
+        self.max_positions = getattr(config, "max_position_embeddings", None)
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     def new_cache(self, observed_queries: int = 1):
         return SageCache(self.num_layers, observed_queries)
@@ -218,7 +227,7 @@ class Runner:
 
     @torch.inference_mode()
     def compress(self, cache, policy):
-        if any(layer.queries is None for layer in cache.layers):
+        if any(layer.queries is None and layer.decoder is None for layer in cache.layers):
             raise RuntimeError("attention was not routed through sagekv; is this model family supported?")
         for index, layer in enumerate(cache.layers):
             layer.compress(policy, index)
@@ -238,3 +247,67 @@ class Runner:
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    # Layer by layer, for caches assembled from stored documents (sagekv.rag)
+
+    ops = TorchOps
+
+    def inference(self):
+        return torch.inference_mode()
+
+    def empty_kv(self):
+        return torch.zeros(1, self.kv_heads, 0, self.head_dim, dtype=self.model.dtype, device=self.device)
+
+    def wrap(self, decoders):
+        cache = SageCache(self.num_layers)
+        for layer, decoder in zip(cache.layers, decoders):
+            layer.decoder = decoder
+        return cache
+
+    def decoders(self, cache) -> list:
+        return [layer.decoder for layer in cache.layers]
+
+    @torch.inference_mode()
+    def embed(self, ids):
+        return self.model.model.embed_tokens(torch.tensor([ids], device=self.device))
+
+    @torch.inference_mode()
+    def layer(self, index: int, hidden, positions, cache):
+        position_ids = torch.from_numpy(positions).to(self.device)[None]
+        rotary = self.model.model.rotary_emb(hidden, position_ids)
+        with cache.active():
+            out = self.model.model.layers[index](hidden, attention_mask=None, position_ids=position_ids,
+                                                 position_embeddings=rotary, use_cache=True, **{self.cache_argument: cache})
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.inference_mode()
+    def head(self, hidden, cache):
+        return self.model.lm_head(self.model.model.norm(hidden))[0, -1]
+
+    @torch.inference_mode()
+    def rerotate(self, keys, shift: int):
+        """Keys [..., D] rotated on by ``shift`` positions with the model's own RoPE frequencies
+        (a pure rotation: the scaling some RoPE types apply was applied once, at prefill)."""
+        rotary = self.model.model.rotary_emb
+        if getattr(rotary, "rope_type", "default") in ("dynamic", "longrope"):
+            raise SageKVError(f"stored caches cannot be moved under {rotary.rope_type} RoPE scaling (it depends on the length)")
+        inv_freq = rotary.inv_freq.to(self.device, torch.float64)
+        angle = torch.cat([inv_freq, inv_freq]) * shift
+        rotated = angle.shape[0]  # partial rotary: only the first dims rotate
+        x = keys[..., :rotated].float()
+        half = rotated // 2
+        turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        out = x * angle.cos().float() + turned * angle.sin().float()
+        return torch.cat([out.to(keys.dtype), keys[..., rotated:]], dim=-1)
+
+    def raw(self, array):
+        """(numpy array, safetensors dtype) of a tensor; bfloat16 as its uint16 bits."""
+        tag = STORED_DTYPES[array.dtype]
+        array = array.detach().contiguous().cpu()
+        return (array.view(torch.uint16) if tag == "BF16" else array).numpy(), tag
+
+    def from_raw(self, array, tag: str):
+        tensor = torch.from_numpy(array)
+        if tag == "BF16":
+            tensor = tensor.view(torch.bfloat16)
+        return tensor.to(self.device)

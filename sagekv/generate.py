@@ -41,6 +41,8 @@ class Result:
     stats: Stats
     kept_positions: Optional[list] = field(default=None, repr=False)
     """Per layer: the positions each row kept at selection time (numpy), or None if none evicted."""
+    rag: Optional[object] = None
+    """For answers over stored documents (:meth:`SageModel.rag`): a ``sagekv.rag.RagStats``."""
 
 
 def default_backend() -> str:
@@ -141,6 +143,32 @@ class SageModel:
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return list(tokenizer.encode(rendered, add_special_tokens=False))  # the template writes its own <bos>
 
+    @property
+    def store_id(self) -> str:
+        """What stored document caches are keyed by: the weights fingerprint, else a digest of the name."""
+        return self.weights or hashlib.sha256(self.name.encode()).hexdigest()[:16]
+
+    def encode_plain(self, text: str) -> list:
+        """Token ids of ``text`` alone, without the special tokens put before a whole prompt."""
+        return list(self.runner.tokenizer.encode(text, add_special_tokens=False))
+
+    def preamble_ids(self) -> list:
+        """The special tokens the tokenizer puts before any text (``<bos>``), possibly none."""
+        whole, plain = self.runner.tokenizer.encode("x"), self.encode_plain("x")
+        return list(whole[: len(whole) - len(plain)]) if whole[len(whole) - len(plain):] == plain else []
+
+    def check_length(self, tokens: int) -> None:
+        limit = self.runner.max_positions
+        if limit and tokens > limit:
+            raise SageKVError(f"{tokens} tokens (prompt and generation) exceed the {limit} positions {self.name} handles")
+
+    def rag(self, documents, question: str, method=None, store=None, max_tokens: int = 64, policy=None) -> Result:
+        """Answer ``question`` over ``documents`` (strings), each prefilled alone and stored (see
+        :mod:`sagekv.rag`); ``method``: a RAG method or its name (default SamKV)."""
+        from .rag import rag
+
+        return rag(self, documents, question, method, store, max_tokens, policy)
+
     def decode_text(self, ids: list) -> str:
         return self.runner.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -152,8 +180,7 @@ class SageModel:
         with the tokens generated so far after each new one (streaming); returning True stops.
         """
         policy = Full() if policy is None else policy
-        if not isinstance(policy, Policy):
-            raise SageKVError(f"policy must be a sagekv policy such as sagekv.SageKV(budget), got {policy!r}")
+        check_policy(policy)
         if not isinstance(prompt, str) or not prompt.strip():
             raise SageKVError("the prompt is empty")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
@@ -163,6 +190,7 @@ class SageModel:
         return self.generate_ids(self.encode(prompt, chat), policy, max_tokens, prefill_chunk, on_token)
 
     def generate_ids(self, ids: list, policy, max_tokens: int, prefill_chunk: int = PREFILL_CHUNK, on_token=None) -> Result:
+        self.check_length(len(ids) + max_tokens)
         prefilled = self.prefill(ids, policy.observed_queries, prefill_chunk)
         return self.decode(prefilled, policy, max_tokens, keep_prefill=False, on_token=on_token)
 
@@ -184,6 +212,8 @@ class SageModel:
         cache is consumed and the evicted entries are freed before decoding.
         """
         run = self.runner
+        policy = Full() if policy is None else policy
+        check_policy(policy)
         cache = run.clone_cache(prefilled.cache) if keep_prefill else prefilled.cache
         if not keep_prefill:
             prefilled.cache = None
@@ -208,6 +238,11 @@ class SageModel:
         steps = max(len(tokens) - 1, 0)
         stats = Stats(prefilled.full_kv_bytes, kept_bytes, prefilled.seconds, select_s, decode_s, steps / decode_s if steps else 0.0)
         return Result(self.decode_text(tokens), tokens, prefilled.prompt_tokens, stats, kept if any(k is not None for k in kept) else None)
+
+
+def check_policy(policy) -> None:
+    if not isinstance(policy, Policy):
+        raise SageKVError(f"policy must be a sagekv policy such as sagekv.SageKV(budget), got {policy!r}")
 
 
 @dataclass

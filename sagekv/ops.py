@@ -72,12 +72,15 @@ class NumpyOps:
         return e / e.sum(axis=-1, keepdims=True)
 
     @staticmethod
-    def attention(q, k, v, scale):
-        """Grouped-query attention of q [1, Hq, L, D] over all of k, v [1, Hkv, T, D], no mask."""
+    def attention(q, k, v, scale, mask=None):
+        """Grouped-query attention of q [1, Hq, L, D] over k, v [1, Hkv, T, D]; ``mask`` [L, T]
+        (True: attend) or None for all of them."""
         b, hq, length, d = q.shape
         hkv = k.shape[1]
-        logits = q.reshape(b, hkv, hq // hkv * length, d) @ k.swapaxes(-1, -2) * scale
-        out = NumpyOps.softmax(logits).astype(v.dtype) @ v
+        logits = (q.reshape(b, hkv, hq // hkv, length, d) @ k[:, :, None].swapaxes(-1, -2)) * scale
+        if mask is not None:
+            logits = np.where(mask, logits, -np.inf)
+        out = NumpyOps.softmax(logits).astype(v.dtype) @ v[:, :, None]
         return out.reshape(b, hq, length, d).astype(q.dtype)
 
     @staticmethod

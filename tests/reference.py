@@ -128,3 +128,42 @@ def assert_valid_selection(got, reference, tolerance=1e-5):
         kth = min(score[p] for p in r if p in score)
         for p in set(g) ^ set(r):
             assert abs(score[p] - kth) <= tolerance * max(1.0, abs(kth)), (row, p)
+
+
+def samkv_selection(question, local_queries, i, keys, initial, local, block):
+    """SamKV's kept rows of document i per selection layer, from the spec (float64): the question's
+    query plus the other documents' local queries weighted by |cos| with it, averaged per KV group;
+    anchor and block-mean key scores summed over KV heads; ratio = share of the block-score range
+    above the anchors' score (clipped to [0, 1]), averaged over layers; that share of top blocks."""
+    q = np.asarray(question, np.float64)
+    locals_ = [np.asarray(x, np.float64) for x in local_queries]
+    keys = np.asarray(keys, np.float64)
+    layers, hq, d = q.shape
+    n, _, hkv, _ = keys.shape
+    g = hq // hkv
+    others = [j for j in range(len(locals_)) if j != i]
+    qhat = q.copy()
+    for s in range(layers):
+        for h in range(hq):
+            bias = np.zeros(d)
+            for j in others:
+                other = locals_[j][s, h]
+                bias += abs(other @ q[s, h] / (np.linalg.norm(other) * np.linalg.norm(q[s, h]))) * other
+            qhat[s, h] += bias / len(others)
+    anchors = list(range(initial)) + list(range(n - local, n))
+    middle = list(range(initial, n - local))
+    blocks = [middle[b : b + block] for b in range(0, len(middle), block)]
+    ratios, scores = [], []
+    for s in range(layers):
+        grouped = [qhat[s, h * g : (h + 1) * g].mean(axis=0) for h in range(hkv)]
+        anchor = sum(keys[anchors, s, h].mean(axis=0) @ grouped[h] for h in range(hkv))
+        per_block = [sum(keys[b, s, h].mean(axis=0) @ grouped[h] for h in range(hkv)) for b in blocks]
+        high, low = max(per_block), min(per_block)
+        ratios.append(min(max((high - anchor) / (high - low), 0.0), 1.0))
+        scores.append(per_block)
+    keep = int(len(blocks) * np.mean(ratios))
+    chosen = []
+    for per_block in scores:
+        top = sorted(np.argsort(-np.array(per_block), kind="stable")[:keep])
+        chosen.append(np.array(sorted(anchors + [r for b in top for r in blocks[b]])))
+    return chosen

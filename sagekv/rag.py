@@ -1,0 +1,591 @@
+"""Retrieval-augmented generation over independently prefilled, stored document caches.
+
+Each document is prefilled alone (positions 0..n-1) once and stored; a question then arrives with
+the documents it retrieved. The tokens the tokenizer puts before any text (``<bos>``) form a first
+piece of their own, as a system preamble would. Every method places the pieces one after another
+(each document's keys re-rotated by its offset, so each token has the position it has in the
+concatenated prompt), prefills the question, and decodes greedily:
+
+- :class:`FullRecompute`: one ordinary prefill of everything (the accuracy reference);
+- :class:`Reuse`: the stored caches as they are, only the question prefilled;
+- :class:`EPIC`: reuse, recomputing the first ``k`` tokens of every document (EPIC's LegoLink);
+- :class:`CacheBlend`: reuse, recomputing the tokens whose keys deviate most at a check layer;
+- :class:`SamKV`: a sparse cache per document chosen with a query personalised by the other
+  documents, every other entry evicted, the kept tokens recomputed layer by layer.
+
+Time to first token counts from the question's arrival: stored document prefills are excluded,
+loading the stored rows a method needs is included. A pass computes chosen rows of the compact
+sequence layer by layer (:func:`run_pass`); each layer's :class:`SegmentKV` holds the cache being
+repaired, writes the fresh rows (overwritten or fused) and masks attention by compact index.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import numpy as np
+
+from .errors import SageKVError
+from .policies.base import check_int
+from .store import MemoryStore, content_key
+
+QUERY_TAIL = 128  # a stored document keeps the queries of its last tokens (SamKV's local query)
+PREFILL_ROWS = 2048  # rows per pass when a document is prefilled alone
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache a RAG method builds, one per layer
+
+
+class SegmentKV:
+    """One layer's keys/values [1, Hkv, T, D] for a compact sequence at given global positions.
+
+    ``begin(rows, positions)`` announces the rows (compact indices, ascending) the next
+    ``append`` writes: rows already held are overwritten, or fused as ``(1 - theta) * old +
+    theta * new``; rows past the end are appended. ``attend`` then lets each written row see every
+    row at or before its compact index. Without ``begin``, ``append`` adds one decoded token at
+    the end (its position the next one), so the same object decodes after the method is done.
+    """
+
+    growth = 256  # rows added per reallocation
+
+    def __init__(self, ops, keys, values, positions):
+        self.ops = ops
+        self.size = keys.shape[2]
+        self.keys, self.values = self._grown(keys, self.growth), self._grown(values, self.growth)
+        self.positions = np.asarray(positions, dtype=np.int64)
+        self.length = int(self.positions[-1]) + 1 if self.size else 0  # the next token's position
+        self.rows = self.row_positions = self.theta = None
+        self.track = False
+        self.deviation = None  # per written row that was held: squared change of its key
+        self.queries = None  # the last written rows' queries [Hq, L, D]
+        self.written = None
+
+    @classmethod
+    def empty(cls, ops, like):
+        """A cache holding nothing yet, in ``like``'s dtype and device ([1, Hkv, 0, D])."""
+        return cls(ops, like, like, np.zeros(0, np.int64))
+
+    def _grown(self, x, extra: int):
+        spare = self.ops.full((*x.shape[:2], extra, x.shape[3]), 0.0, like=x)
+        return self.ops.concat([x, spare], axis=2)
+
+    def begin(self, rows, positions, theta: Optional[float] = None, track: bool = False):
+        self.rows, self.row_positions, self.theta, self.track = rows, positions, theta, track
+
+    def append(self, key, value):
+        ops, count = self.ops, key.shape[2]
+        if self.rows is None:
+            rows, positions = np.arange(self.size, self.size + count), np.arange(self.length, self.length + count)
+        else:
+            rows, positions = self.rows, self.row_positions
+            self.rows = None
+        if len(rows) != count:
+            raise SageKVError(f"a pass announced {len(rows)} rows but the model wrote {count}")
+        held = int(np.searchsorted(rows, self.size))  # rows[:held] exist, rows[held:] are appended
+        if held < count and not np.array_equal(rows[held:], np.arange(self.size, self.size + count - held)):
+            raise SageKVError("appended rows must follow the cache's end")
+        while self.size + count - held > self.keys.shape[2]:
+            self.keys, self.values = self._grown(self.keys, self.growth), self._grown(self.values, self.growth)
+        index = ops.asarray(rows, like=self.keys)
+        if held:
+            old_k, old_v = self.keys[:, :, index[:held]], self.values[:, :, index[:held]]
+            if self.track:
+                change = ops.float32(key[:, :, :held]) - ops.float32(old_k)
+                self.deviation = ops.to_numpy((change * change).sum(axis=-1).sum(axis=1)[0])
+            if self.theta is not None:
+                fuse = lambda old, new: ops.astype_like(old * (1 - self.theta) + new * self.theta, old)  # noqa: E731
+                key = ops.concat([fuse(old_k, key[:, :, :held]), key[:, :, held:]], axis=2)
+                value = ops.concat([fuse(old_v, value[:, :, :held]), value[:, :, held:]], axis=2)
+        self.keys[:, :, index] = key
+        self.values[:, :, index] = value
+        if held < count:
+            self.positions = np.concatenate([self.positions, positions[held:]])
+        self.size += count - held
+        self.length = max(self.length, int(positions[-1]) + 1)
+        self.written = rows
+
+    def attend(self, queries, scale):
+        """Attention of the rows just written [1, Hq, L, D] over every row at or before each."""
+        rows, size = self.written, self.size
+        self.queries = queries[0]
+        if rows[0] == size - len(rows) and len(rows) == 1:
+            mask = None  # one row at the end sees everything
+        else:
+            mask = self.ops.asarray(np.arange(size)[None, :] <= rows[:, None], like=queries)
+        return self.ops.attention(queries, self.keys[:, :, :size], self.values[:, :, :size], scale, mask)
+
+    def decode_cache(self, policy, layer: int):
+        """The cache to decode on: this one, or the policy's compact cache over its entries."""
+        window = policy.observed_queries
+        if window > self.queries.shape[1]:
+            raise SageKVError(f"{policy.name} observes {window} queries; the question has {self.queries.shape[1]} tokens")
+        compact = policy.decode_cache(self.ops, self.queries[:, -window:], self.keys[:, :, : self.size],
+                                      self.values[:, :, : self.size], layer)
+        if compact is None:
+            return self
+        compact.length = self.length  # positions continue from the concatenated prompt's
+        return compact
+
+    def kept(self):
+        return self.positions[None]
+
+    @property
+    def arrays(self) -> list:
+        return [self.keys[:, :, : self.size], self.values[:, :, : self.size]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.ops.nbytes(a) for a in self.arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents: prefilled alone and stored
+
+
+@dataclass
+class Piece:
+    """One stored part of the prompt, its first token at global position ``start``."""
+
+    ids: list
+    start: int
+    stored: object  # a StoredDocument: read(name, rows=None, layers=None) -> numpy, dtype(name)
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.ids)
+
+    def read(self, run, name: str, rows=None, layers=None):
+        """Stored rows as an array of the model's backend."""
+        return run.from_raw(self.stored.read(name, rows, layers), self.stored.dtype(name))
+
+
+def prefill_document(model, ids: list, start: int = 0) -> dict:
+    """``ids`` prefilled alone at positions start..: keys and values [n, L, Hkv, D] and the queries of
+    its last QUERY_TAIL tokens [q, L, Hq, D], as (numpy, safetensors dtype) pairs for the store."""
+    run = model.runner
+    segments = [SegmentKV.empty(run.ops, run.empty_kv()) for _ in range(run.num_layers)]
+    cache = run.wrap(segments)
+    tails = [[] for _ in segments]
+    for first in range(0, len(ids), PREFILL_ROWS):
+        rows = np.arange(first, min(first + PREFILL_ROWS, len(ids)))
+        run_pass(run, cache, segments, [ids[r] for r in rows], rows + start, rows)
+        for tail, segment in zip(tails, segments):
+            tail.append(segment.queries)
+    ops = run.ops
+    tail = min(len(ids), QUERY_TAIL)
+    by_token = lambda per_layer: ops.xp.stack(per_layer).swapaxes(0, 2).swapaxes(1, 2)  # [L, H, n, D] -> [n, L, H, D]  # noqa: E731
+    queries = [ops.concat(t, axis=1)[:, -tail:] for t in tails]
+    return {
+        "keys": run.raw(by_token([s.keys[0, :, : s.size] for s in segments])),
+        "values": run.raw(by_token([s.values[0, :, : s.size] for s in segments])),
+        "queries": run.raw(by_token(queries)),
+    }
+
+
+def stored_piece(model, store, ids: list, start: int) -> Piece:
+    key = content_key(ids)
+    stored = store.get(key)
+    if stored is None:
+        stored = store.put(key, prefill_document(model, ids), {"tokens": str(len(ids))})
+    return Piece(ids, start, stored)
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer-by-layer pass every method uses
+
+
+def run_pass(run, cache, segments, ids: list, positions, rows, schedule=None, theta=None, track=()):
+    """Compute ``rows`` (compact indices, ascending; tokens ``ids`` at global ``positions``) layer
+    by layer and return the last row's logits. ``schedule(layer, rows, segments)`` may narrow the
+    rows a layer computes to a subset of the previous layer's; ``track``: layers whose key change
+    is recorded (``segments[layer].deviation``)."""
+    positions, rows = np.asarray(positions, np.int64), np.asarray(rows, np.int64)
+    hidden = run.embed(ids)
+    for layer, segment in enumerate(segments):
+        keep = rows if schedule is None else schedule(layer, rows, segments)
+        if len(keep) != len(rows):
+            at = np.searchsorted(rows, keep)
+            hidden, positions, rows = hidden[:, run.ops.asarray(at, like=hidden)], positions[at], keep
+        segment.begin(rows, positions, theta, layer in track)
+        hidden = run.layer(layer, hidden, positions, cache)
+    return run.head(hidden[:, -1:], cache)
+
+
+def load_rows(run, pieces, rows_per_piece):
+    """The given local rows of each piece, keys re-rotated to their global positions: per layer
+    keys and values [1, Hkv, T, D], with the rows' global positions and token ids."""
+    keys, values, positions, ids = [], [], [], []
+    for piece, rows in zip(pieces, rows_per_piece):
+        if len(rows):
+            keys.append(run.rerotate(piece.read(run, "keys", rows), piece.start))
+            values.append(piece.read(run, "values", rows))
+            positions.append(rows + piece.start)
+            ids += [piece.ids[r] for r in rows]
+    per_layer = lambda parts: run.ops.concat(parts, axis=0).swapaxes(0, 1).swapaxes(1, 2)[:, None]  # [L, 1, H, T, D]  # noqa: E731
+    return per_layer(keys), per_layer(values), np.concatenate(positions), ids
+
+
+def question_rows(pieces, question, held: int):
+    """Compact rows and global positions of the question appended after ``held`` rows."""
+    start = pieces[-1].stop
+    return np.arange(held, held + len(question)), np.arange(start, start + len(question))
+
+
+def repair(model, pieces, question, kept, compute=None, schedule=None, theta=None, track=()):
+    """Load the ``kept`` local rows of every piece and compute, over them, the compact rows
+    ``compute`` (default: every kept row) and the question; returns the caches and logits."""
+    run = model.runner
+    keys, values, positions, ids = load_rows(run, pieces, kept)
+    segments = [SegmentKV(run.ops, k, v, positions) for k, v in zip(keys, values)]
+    cache = run.wrap(segments)
+    held = len(ids)
+    q_rows, q_positions = question_rows(pieces, question, held)
+    compute = np.arange(held) if compute is None else compute
+    rows = np.concatenate([compute, q_rows])
+    all_ids, all_positions = ids + list(question), np.concatenate([positions, q_positions])
+    logits = run_pass(run, cache, segments, [all_ids[r] for r in rows], all_positions[rows], rows, schedule, theta, track)
+    return cache, logits
+
+
+def every_row(piece) -> np.ndarray:
+    return np.arange(len(piece.ids))
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+class RagMethod:
+    """A way to answer a question over stored documents: ``prefill`` returns the backend cache to
+    decode on, the first token's logits and how many document tokens that cache keeps."""
+
+    name: ClassVar[str]
+
+    def prefill(self, model, pieces: list, question: list):
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class FullRecompute(RagMethod):
+    """One ordinary prefill of all documents and the question: the accuracy reference."""
+
+    name = "full_recompute"
+
+    def prefill(self, model, pieces, question):
+        ids = [t for piece in pieces for t in piece.ids] + list(question)
+        prefilled = model.prefill(ids)
+        return prefilled.cache, prefilled.logits, len(ids) - len(question)
+
+
+@dataclass(frozen=True)
+class Reuse(RagMethod):
+    """The stored caches, re-rotated and concatenated as they are; only the question is prefilled."""
+
+    name = "reuse"
+
+    def prefill(self, model, pieces, question):
+        cache, logits = repair(model, pieces, question, [every_row(p) for p in pieces], compute=np.arange(0))
+        return cache, logits, pieces[-1].stop
+
+
+@dataclass(frozen=True)
+class EPIC(RagMethod):
+    """EPIC's LegoLink (Hu et al., "EPIC: Efficient Position-Independent Caching for Serving Large
+    Language Models", arXiv 2410.15332): reuse, then recompute at every layer the first ``k``
+    tokens of every piece but the first (prefilled alone, they act as attention sinks)."""
+
+    k: int = 32
+    name = "epic"
+
+    def __post_init__(self):
+        check_int("k", self.k, 0)
+
+    def prefill(self, model, pieces, question):
+        firsts = [np.arange(p.start, p.start + min(self.k, len(p.ids))) for p in pieces[1:]]
+        cache, logits = repair(model, pieces, question, [every_row(p) for p in pieces],
+                               compute=np.concatenate(firsts) if firsts else np.arange(0))
+        return cache, logits, pieces[-1].stop
+
+
+@dataclass(frozen=True)
+class CacheBlend(RagMethod):
+    """CacheBlend (Yao et al., "CacheBlend: Fast Large Language Model Serving for RAG with Cached
+    Knowledge Fusion", arXiv 2405.16444): reuse, recompute every token up to a check layer, then only
+    the share ``ratios[i]`` of document tokens whose keys changed most at ``check_layers[i]``
+    (several check layers narrow the set step by step: its gradual filtering). Defaults are
+    LMCache's: check layer 1, 15%. The whole cache is kept."""
+
+    ratios: tuple = (0.15,)
+    check_layers: tuple = (1,)
+    name = "cacheblend"
+
+    def __post_init__(self):
+        if len(self.ratios) != len(self.check_layers) or not self.ratios:
+            raise SageKVError("cacheblend needs one ratio per check layer")
+        if any(not 0 < r <= 1 for r in self.ratios) or list(self.ratios) != sorted(self.ratios, reverse=True):
+            raise SageKVError(f"ratios must be in (0, 1] and not increase, got {self.ratios!r}")
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.check_layers) or \
+                list(self.check_layers) != sorted(set(self.check_layers)):
+            # layer 0's keys depend on the token and its position alone: they deviate by rounding only
+            raise SageKVError(f"check_layers must be ascending layer indices from 1, got {self.check_layers!r}")
+
+    def prefill(self, model, pieces, question):
+        documents = pieces[-1].stop
+        if self.check_layers[-1] >= model.runner.num_layers - 1:
+            raise SageKVError(f"check layers must come before the last layer ({model.runner.num_layers - 1})")
+
+        def schedule(layer, rows, segments):
+            if layer - 1 not in self.check_layers:
+                return rows
+            ratio = self.ratios[self.check_layers.index(layer - 1)]
+            held = rows[rows < documents]
+            deviation = segments[layer - 1].deviation[: len(held)]
+            top = held[np.argsort(-deviation, kind="stable")[: min(int(round(ratio * documents)), len(held))]]
+            return np.concatenate([np.sort(top), rows[rows >= documents]])
+
+        cache, logits = repair(model, pieces, question, [every_row(p) for p in pieces], schedule=schedule,
+                               track=self.check_layers)
+        return cache, logits, documents
+
+
+@dataclass(frozen=True)
+class SamKV(RagMethod):
+    """SamKV (Cao et al., "Sparse Attention across Multiple-context KV Cache", arXiv 2508.11661).
+
+    Each document keeps its first ``initial`` and last ``local`` tokens (anchors). The question is
+    prefilled over the anchors of all documents; at each of the last ``layers`` layers its mean
+    query, plus the other documents' mean local queries weighted by their |cosine| with it, makes a
+    query personalised per document. Each document's middle is cut into blocks of ``block`` tokens
+    scored by that query against their mean keys; the share of the score range above the anchors'
+    score, averaged over those layers, is the document's retention ratio, and that share of blocks
+    is kept at each of those layers. Everything else is evicted; the kept tokens are recomputed
+    layer by layer (a token chosen at layer n is recomputed at every layer up to n), their fresh
+    entries overwriting the stored ones (``update="overwrite"``) or mixed in with weight ``theta``
+    (``"fusion"``). Decoding runs on that compact cache, positions kept as in the full prompt.
+
+    The paper's settings could not be read; defaults are the public re-implementation's (KV Packet,
+    arXiv 2604.13226): the last 4 layers, fusion weight 0.9, and its "small" anchors and blocks,
+    8 / 16 / 8 (its "large" is 64 / 128 / 64). Where the anchors score below every block the ratio
+    is 1 (that implementation gives 0, keeping nothing of a document whose every block outranks
+    its anchors).
+    """
+
+    initial: int = 8
+    local: int = 16
+    block: int = 8
+    layers: int = 4
+    update: str = "overwrite"
+    theta: float = 0.9
+    name = "samkv"
+
+    def __post_init__(self):
+        check_int("initial", self.initial, 0)
+        check_int("local", self.local, 1)
+        check_int("block", self.block, 1)
+        check_int("layers", self.layers, 1)
+        if self.update not in ("overwrite", "fusion"):
+            raise SageKVError(f"update must be 'overwrite' or 'fusion', got {self.update!r}")
+        if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not 0 < self.theta <= 1:
+            raise SageKVError(f"theta must be in (0, 1], got {self.theta!r}")
+        if self.local > QUERY_TAIL:
+            raise SageKVError(f"local must be at most {QUERY_TAIL} (the stored query tail), got {self.local}")
+
+    def selection_layers(self, num_layers: int) -> list:
+        return list(range(max(num_layers - self.layers, 0), num_layers))
+
+    def anchors(self, n: int) -> np.ndarray:
+        if n <= self.initial + self.local:
+            return np.arange(n)
+        return np.concatenate([np.arange(self.initial), np.arange(n - self.local, n)])
+
+    def select(self, model, pieces, question) -> list:
+        """Per piece, per selection layer: the local rows SamKV keeps."""
+        run = model.runner
+        layers = self.selection_layers(run.num_layers)
+        question_query = self.question_query(model, pieces, question, layers)
+        local_queries = [self.local_query(p, layers) for p in pieces]
+        chosen = []
+        for i, piece in enumerate(pieces):
+            anchors = self.anchors(len(piece.ids))
+            if len(anchors) == len(piece.ids):
+                chosen.append([anchors] * len(layers))
+                continue
+            query = personalised_query(question_query, local_queries, i)
+            keys = run.rerotate(piece.read(run, "keys", layers=layers), piece.start)  # [n, S, Hkv, D]
+            scores = block_scores(run.ops, query, keys, anchors, self.initial, len(piece.ids) - self.local, self.block)
+            chosen.append(chosen_rows(scores, anchors, self.initial, len(piece.ids) - self.local, self.block))
+        return chosen
+
+    def prefill(self, model, pieces, question):
+        run = model.runner
+        layers = self.selection_layers(run.num_layers)
+        chosen = self.select(model, pieces, question)
+        kept = [np.unique(np.concatenate(per_layer)) for per_layer in chosen]
+        offsets = np.cumsum([0] + [len(k) for k in kept])
+        total = int(offsets[-1])
+        question_compact = np.arange(total, total + len(question))
+        # a token chosen at selection layer n is recomputed at every layer up to n
+        needed = []
+        for layer in range(run.num_layers):
+            later = [j for j, n in enumerate(layers) if n >= layer]
+            rows = [offsets[i] + np.searchsorted(kept[i], np.unique(np.concatenate([chosen[i][j] for j in later])))
+                    for i in range(len(pieces))] if later else []
+            needed.append(np.concatenate([*rows, question_compact]).astype(np.int64))
+        theta = self.theta if self.update == "fusion" else None
+        cache, logits = repair(model, pieces, question, kept, schedule=lambda layer, rows, segments: needed[layer],
+                               theta=theta)
+        return cache, logits, total
+
+    def question_query(self, model, pieces, question, layers):
+        """The question prefilled over every piece's anchors: its mean query at each selection
+        layer, [S, Hq, D] float32 numpy."""
+        run = model.runner
+        cache, _ = repair(model, pieces, question, [self.anchors(len(p.ids)) for p in pieces], compute=np.arange(0))
+        segments = run.decoders(cache)
+        return np.stack([to_float(run.ops, segments[n].queries).mean(axis=1) for n in layers])
+
+    def local_query(self, piece, layers):
+        """The mean query of the piece's last ``local`` tokens at each selection layer, [S, Hq, D]."""
+        stored = piece.stored.shape("queries")[0]
+        rows = np.arange(max(stored - self.local, 0), stored)
+        raw = piece.stored.read("queries", rows, layers)
+        return float32_of(raw, piece.stored.dtype("queries")).mean(axis=0)
+
+
+def to_float(ops, x):
+    return ops.to_numpy(ops.float32(x))
+
+
+def float32_of(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values as float32 numpy (bfloat16 arrives as its uint16 bits)."""
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
+def personalised_query(question_query, local_queries, i: int):
+    """Q_que + (1 / (D - 1)) * sum over j != i of |cos(Q_loc_j, Q_que)| * Q_loc_j, per layer and head
+    (``question_query`` [S, Hq, D]; ``local_queries`` per piece [S, Hq, D]; float32 numpy)."""
+    others = [local_queries[j] for j in range(len(local_queries)) if j != i]
+    if not others:
+        return question_query
+    q = question_query
+    q_norm = np.linalg.norm(q, axis=-1)
+    bias = sum(np.abs((o * q).sum(-1) / (np.linalg.norm(o, axis=-1) * q_norm + 1e-8))[..., None] * o for o in others)
+    return q + bias / len(others)
+
+
+def block_scores(ops, query, keys, anchors, start: int, stop: int, block: int):
+    """Scores per selection layer of the anchors' mean key and of each middle block's mean key
+    against ``query`` averaged over each KV head's group, summed over heads: ([S], [S, blocks]) numpy.
+
+    ``query``: [S, Hq, D] numpy; ``keys``: the piece's keys at the selection layers [n, S, Hkv, D]."""
+    s_layers, hq, d = query.shape
+    hkv = keys.shape[2]
+    grouped = ops.asarray(query.reshape(s_layers, hkv, hq // hkv, d).mean(axis=2).astype(np.float32), like=keys)
+    keys = ops.float32(keys)
+    anchor_mean = keys[ops.asarray(anchors, like=keys)].sum(axis=0) / len(anchors)
+    middle = keys[start:stop]
+    whole = (stop - start) // block * block
+    means = [middle[:whole].reshape(whole // block, block, s_layers, hkv, d).sum(axis=1) / block] if whole else []
+    if whole < stop - start:
+        means.append(middle[whole:].sum(axis=0)[None] / (stop - start - whole))
+    blocks = ops.concat(means, axis=0)  # [blocks, S, Hkv, D]
+    anchor_score = (anchor_mean * grouped).sum(axis=-1).sum(axis=-1)
+    scores = (blocks * grouped[None]).sum(axis=-1).sum(axis=-1).swapaxes(0, 1)
+    return ops.to_numpy(anchor_score), ops.to_numpy(scores)
+
+
+def chosen_rows(scores, anchors, start: int, stop: int, block: int) -> list:
+    """Per selection layer: the anchors and the rows of the top blocks, as many blocks as the
+    document's retention ratio (the mean over layers) allows; ties keep the earlier block."""
+    anchor_score, block_score = scores
+    count = block_score.shape[1]
+    keep = int(count * float(np.mean([retention_ratio(a, b) for a, b in zip(anchor_score, block_score)])))
+    chosen = []
+    for row in block_score:
+        top = np.sort(np.argsort(-row, kind="stable")[:keep])
+        rows = [np.arange(start + b * block, min(start + (b + 1) * block, stop)) for b in top]
+        chosen.append(np.sort(np.concatenate([anchors, *rows])).astype(np.int64))
+    return chosen
+
+
+def retention_ratio(anchor_score: float, block_score) -> float:
+    """The share of the block-score range above the anchors' score, clipped to [0, 1]."""
+    high, low = float(block_score.max()), float(block_score.min())
+    return float(np.clip((high - anchor_score) / (high - low + 1e-8), 0.0, 1.0))
+
+
+METHODS = {m.name: m for m in (FullRecompute, Reuse, EPIC, CacheBlend, SamKV)}
+
+
+def make_method(name: str) -> RagMethod:
+    if name not in METHODS:
+        raise SageKVError(f"unknown method {name!r} (choose from: {', '.join(METHODS)})")
+    return METHODS[name]()
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+@dataclass
+class RagStats:
+    """What answering cost: document tokens the cache keeps (of ``total_tokens``), the cache's
+    bytes, time to first token from the question's arrival, and the time spent storing documents."""
+
+    method: str
+    kept_tokens: int
+    total_tokens: int
+    kv_bytes: int
+    ttft_s: float
+    store_s: float
+
+
+def rag(model, documents, question: str, method=None, store=None, max_tokens: int = 64, policy=None):
+    """Answer ``question`` over ``documents`` (strings); returns a Result with ``rag`` stats.
+
+    ``method``: a RagMethod or its name (default SamKV); ``store``: a DocumentStore, or None to
+    prefill the documents in memory; ``policy``: a sagekv policy applied to the cache for decoding."""
+    method = SamKV() if method is None else make_method(method) if isinstance(method, str) else method
+    if not isinstance(method, RagMethod):
+        raise SageKVError(f"method must be a sagekv RAG method such as sagekv.SamKV(), got {method!r}")
+    if isinstance(documents, str) or not isinstance(documents, (list, tuple)) or not documents:
+        raise SageKVError("no documents given")
+    if any(not isinstance(d, str) or not d.strip() for d in documents):
+        raise SageKVError("a document is empty")
+    if not isinstance(question, str) or not question.strip():
+        raise SageKVError("the question is empty")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise SageKVError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+    pieces_ids = [ids for ids in [model.preamble_ids()] + [model.encode_plain(d) for d in documents] if ids]
+    question_ids = model.encode_plain(question)
+    return rag_ids(model, pieces_ids, question_ids, method, store, max_tokens, policy)
+
+
+def rag_ids(model, pieces_ids: list, question_ids: list, method, store=None, max_tokens: int = 64, policy=None):
+    total = sum(len(ids) for ids in pieces_ids)
+    model.check_length(total + len(question_ids) + max_tokens)
+    store = MemoryStore(model.store_id) if store is None else store
+    run = model.runner
+    with run.inference():
+        start = time.perf_counter()
+        pieces, offset = [], 0
+        for ids in pieces_ids:
+            pieces.append(stored_piece(model, store, ids, offset))
+            offset += len(ids)
+        run.sync()
+        store_s = time.perf_counter() - start
+        start = time.perf_counter()
+        cache, logits, kept = method.prefill(model, pieces, question_ids)
+        run.sync()
+        ttft = time.perf_counter() - start
+    from .generate import Prefilled
+
+    prefilled = Prefilled(cache, logits, total + len(question_ids), run.kv_bytes(cache), ttft)
+    result = model.decode(prefilled, policy, max_tokens, keep_prefill=False)
+    result.rag = RagStats(method.name, kept, total, result.stats.kept_kv_bytes, ttft, store_s)
+    return result

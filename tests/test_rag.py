@@ -1,0 +1,240 @@
+"""RAG over stored document caches (sagekv.rag): re-rotation, the methods, MLX against torch, the
+store on disk, and SamKV's selection against a float64 reference."""
+
+import numpy as np
+import pytest
+
+import sagekv
+from conftest import needs_mlx, needs_torch
+from reference import samkv_selection
+from sagekv import rag
+from sagekv.store import DocumentStore, MemoryStore
+
+DOCUMENTS = [
+    "Alpha beta gamma delta. The key for door seven is 4821. Epsilon zeta. " * 2,
+    "Eta theta iota kappa lambda. The lamp in the hall is green. " * 3,
+    "Mu nu xi omicron pi rho sigma tau. " * 4,
+]
+QUESTION = "Question: what is the key for door seven? Answer:"
+TOKENS = 8
+EVERYTHING = [rag.CacheBlend(ratios=(1.0,)), rag.EPIC(k=10**6), rag.SamKV(initial=10**4, local=16)]
+METHODS = [rag.FullRecompute(), rag.Reuse(), rag.EPIC(), rag.CacheBlend(), rag.CacheBlend(ratios=(0.5, 0.2), check_layers=(1, 2)),
+           rag.SamKV(), rag.SamKV(update="fusion"), rag.SamKV(layers=1, initial=4, local=4, block=4)]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from sagekv.checkpoints import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("rag")
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    return {
+        "llama": make_tiny_checkpoint(root / "llama", "llama", seed=3, num_hidden_layers=4),
+        "qwen2": make_tiny_checkpoint(root / "qwen2", "qwen2", seed=4, num_hidden_layers=3),
+        "qwen3": make_tiny_checkpoint(root / "qwen3", "qwen3", seed=5, num_hidden_layers=3),
+        "llama3": make_tiny_checkpoint(root / "llama3", "llama", seed=6, num_hidden_layers=3, rope_parameters=rope, rope_theta=None),
+    }
+
+
+@pytest.fixture(scope="module")
+def load(checkpoints):
+    loaded = {}
+
+    def get(family, backend):
+        pytest.importorskip("mlx_lm" if backend == "mlx" else "torch")
+        if (family, backend) not in loaded:
+            loaded[family, backend] = sagekv.load(checkpoints[family], backend=backend, device="cpu", dtype="float32")
+        return loaded[family, backend]
+
+    return get
+
+
+def float_keys(model, stored):
+    raw, tag = stored["keys"]
+    return rag.float32_of(raw, tag)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "llama3"])
+def test_rerotated_keys_equal_a_prefill_at_that_offset(load, family, backend):
+    """Keys of a document prefilled alone at positions shift.. equal its stored keys re-rotated by shift,
+    at every layer (a shift of all positions leaves attention, hence every hidden state, unchanged)."""
+    model = load(family, backend)
+    run = model.runner
+    ids = model.encode_plain(DOCUMENTS[0])
+    with run.inference():
+        at_zero = rag.prefill_document(model, ids)
+        for shift in (1, 37, 1000):
+            moved = rag.prefill_document(model, ids, start=shift)
+            rotated = run.rerotate(run.from_raw(*at_zero["keys"]), shift)
+            np.testing.assert_allclose(rag.to_float(run.ops, rotated), float_keys(model, moved), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(*(rag.float32_of(*d["values"]) for d in (at_zero, moved)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_stored_document_equals_the_model_prefill(load, backend):
+    """The layer-by-layer pass that stores a document gives the model's own prefill keys, values and queries."""
+    model = load("llama", backend)
+    run = model.runner
+    ids = model.encode_plain(DOCUMENTS[1])
+    with run.inference():
+        stored = rag.prefill_document(model, ids)
+    prefilled = model.prefill(ids, observed_queries=rag.QUERY_TAIL)
+    layers = prefilled.cache if backend == "mlx" else prefilled.cache.layers
+    for index, layer in enumerate(layers):
+        keys = layer.keys_and_values()[0] if backend == "mlx" else layer.keys
+        np.testing.assert_allclose(float_keys(model, stored)[:, index], rag.to_float(run.ops, keys[0]).swapaxes(0, 1), rtol=1e-4, atol=1e-4)
+        queries = rag.float32_of(*stored["queries"])[:, index]
+        np.testing.assert_allclose(queries, rag.to_float(run.ops, layer.queries).swapaxes(0, 1), rtol=1e-4, atol=1e-4)
+    assert stored["queries"][0].shape[0] == min(len(ids), rag.QUERY_TAIL)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_recomputing_everything_gives_full_recompute(load, family, backend):
+    model = load(family, backend)
+    full = model.rag(DOCUMENTS, QUESTION, method="full_recompute", max_tokens=TOKENS)
+    prompt = model.preamble_ids() + [t for d in DOCUMENTS for t in model.encode_plain(d)] + model.encode_plain(QUESTION)
+    assert full.tokens == model.generate_ids(prompt, sagekv.Full(), TOKENS).tokens
+    assert full.rag.kept_tokens == full.rag.total_tokens == len(prompt) - len(model.encode_plain(QUESTION))
+    for method in EVERYTHING:
+        result = model.rag(DOCUMENTS, QUESTION, method=method, max_tokens=TOKENS)
+        assert result.tokens == full.tokens, method
+        assert result.rag.kept_tokens == full.rag.total_tokens
+
+
+@needs_mlx
+@needs_torch
+def test_mlx_and_torch_agree_on_every_method(load):
+    mlx_model, torch_model = load("llama", "mlx"), load("llama", "torch")
+    for method in METHODS:
+        a = mlx_model.rag(DOCUMENTS, QUESTION, method=method, max_tokens=TOKENS)
+        b = torch_model.rag(DOCUMENTS, QUESTION, method=method, max_tokens=TOKENS)
+        assert a.tokens == b.tokens, method
+        assert (a.rag.kept_tokens, a.rag.total_tokens, a.rag.kv_bytes) == (b.rag.kept_tokens, b.rag.total_tokens, b.rag.kv_bytes), method
+
+
+@needs_mlx
+@needs_torch
+def test_a_store_written_by_one_backend_serves_the_other(load, tmp_path):
+    """The same stored caches within float32 tolerance, and the same answers from either file."""
+    mlx_model, torch_model = load("llama", "mlx"), load("llama", "torch")
+    stores = {}
+    for name, model in (("mlx", mlx_model), ("torch", torch_model)):
+        stores[name] = DocumentStore(tmp_path / name, model.store_id)
+        model.rag(DOCUMENTS, QUESTION, method="samkv", store=stores[name], max_tokens=2)
+    files = sorted(p.name for p in (tmp_path / "mlx").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "torch").iterdir()) and len(files) == len(DOCUMENTS) + 1
+    for key in (name.split("-", 1)[1].removesuffix(".safetensors") for name in files):
+        a, b = stores["mlx"].get(key), stores["torch"].get(key)
+        for name in ("keys", "values", "queries"):
+            np.testing.assert_allclose(a.read(name), b.read(name), rtol=1e-4, atol=1e-4)
+    swapped = mlx_model.rag(DOCUMENTS, QUESTION, method="samkv", store=stores["torch"], max_tokens=TOKENS)
+    assert swapped.tokens == torch_model.rag(DOCUMENTS, QUESTION, method="samkv", store=stores["mlx"], max_tokens=TOKENS).tokens
+
+
+def test_stored_documents_are_reused(load, tmp_path):
+    model = load("llama", "torch")
+    store = DocumentStore(tmp_path / "store", model.store_id)
+    first = model.rag(DOCUMENTS, QUESTION, method="samkv", store=store, max_tokens=TOKENS)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "store").iterdir()}
+    again = model.rag(DOCUMENTS[::-1], QUESTION, method="samkv", store=store, max_tokens=TOKENS)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "store").iterdir()} == stamps  # nothing written again
+    same = model.rag(DOCUMENTS, QUESTION, method="samkv", store=store, max_tokens=TOKENS)
+    assert same.tokens == first.tokens and again.rag.total_tokens == first.rag.total_tokens
+
+
+def test_samkv_keeps_anchors_and_a_share(load):
+    model = load("llama", "torch")
+    method = rag.SamKV(initial=4, local=4, block=4, layers=2)
+    pieces_ids = [model.preamble_ids()] + [model.encode_plain(d) for d in DOCUMENTS]
+    store = MemoryStore(model.store_id)
+    with model.runner.inference():
+        pieces, start = [], 0
+        for ids in pieces_ids:
+            pieces.append(rag.stored_piece(model, store, ids, start))
+            start += len(ids)
+        chosen = method.select(model, pieces, model.encode_plain(QUESTION))
+    for piece, per_layer in zip(pieces, chosen):
+        n = len(piece.ids)
+        assert len(per_layer) == 2
+        anchors = set(method.anchors(n).tolist())
+        blocks_per_layer = set()
+        for rows in per_layer:
+            kept = set(rows.tolist())
+            assert anchors <= kept and list(rows) == sorted(kept)
+            starts = {4 + (r - 4) // 4 * 4 for r in kept - anchors}  # rows come in whole blocks
+            assert all(set(range(b, min(b + 4, n - 4))) <= kept for b in starts)
+            blocks_per_layer.add(len(starts))
+        assert len(blocks_per_layer) == 1  # the document's ratio sets one block count for every layer
+    result = model.rag(DOCUMENTS, QUESTION, method=method, max_tokens=TOKENS)
+    assert result.rag.kept_tokens == sum(len(np.unique(np.concatenate(c))) for c in chosen)
+    assert result.rag.kept_tokens < result.rag.total_tokens
+
+
+def test_samkv_selection_matches_the_float64_reference():
+    """Personalised query, retention ratio and block choice, against the spec written out in float64."""
+    rng = np.random.default_rng(0)
+    layers, hq, hkv, d, n, block, initial, local = 3, 8, 2, 16, 70, 8, 4, 6
+    question = rng.standard_normal((layers, hq, d)).astype(np.float32)
+    locals_ = [rng.standard_normal((layers, hq, d)).astype(np.float32) for _ in range(4)]
+    keys = rng.standard_normal((n, layers, hkv, d)).astype(np.float32)
+    keys[20:28] += 2 * question.reshape(layers, hkv, -1, d).mean(2)  # one block clearly above the rest
+    method = rag.SamKV(initial=initial, local=local, block=block)
+    anchors = method.anchors(n)
+    for i in range(len(locals_)):
+        query = rag.personalised_query(question, locals_, i)
+        ops = sagekv.ops.ops_for(keys)
+        got = rag.chosen_rows(rag.block_scores(ops, query, keys, anchors, initial, n - local, block), anchors, initial, n - local, block)
+        expected = samkv_selection(question, locals_, i, keys, initial, local, block)
+        assert [list(g) for g in got] == [list(e) for e in expected]
+    assert any(set(range(20, 28)) <= set(rows.tolist()) for rows in got)
+
+
+def test_sagekv_policy_after_a_method(load):
+    model = load("llama", "torch")
+    plain = model.rag(DOCUMENTS, QUESTION, method="samkv", max_tokens=TOKENS)
+    evicted = model.rag(DOCUMENTS, QUESTION, method="samkv", max_tokens=TOKENS, policy=sagekv.SageKV(32))
+    assert evicted.rag.kv_bytes < plain.rag.kv_bytes
+    assert evicted.tokens[0] == plain.tokens[0]  # the first token comes before any eviction
+    with pytest.raises(sagekv.SageKVError, match="observes 64 queries"):
+        model.rag(DOCUMENTS, QUESTION, method="reuse", max_tokens=2, policy=sagekv.SnapKV(128, window=64))
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda m: m.rag([], QUESTION), "no documents given"),
+        (lambda m: m.rag("one string", QUESTION), "no documents given"),
+        (lambda m: m.rag(["text", "  "], QUESTION), "a document is empty"),
+        (lambda m: m.rag(DOCUMENTS, " "), "the question is empty"),
+        (lambda m: m.rag(DOCUMENTS, QUESTION, method="nope"), "unknown method 'nope'"),
+        (lambda m: m.rag(["word " * 1000], QUESTION), "exceed the 4096 positions"),
+        (lambda m: m.rag(DOCUMENTS, QUESTION, max_tokens=-1), "max_tokens must be a non-negative integer"),
+        (lambda m: m.rag(DOCUMENTS, QUESTION, method=rag.CacheBlend(check_layers=(3,))), "check layers must come before"),
+    ],
+)
+def test_bad_input_is_one_line(load, call, message):
+    with pytest.raises(sagekv.SageKVError, match=message) as error:
+        call(load("llama", "torch"))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: rag.SamKV(update="blend"), "update must be"),
+        (lambda: rag.SamKV(theta=0), "theta must be in"),
+        (lambda: rag.SamKV(local=rag.QUERY_TAIL + 1), "local must be at most"),
+        (lambda: rag.SamKV(block=0), "block must be >= 1"),
+        (lambda: rag.EPIC(k=-1), "k must be >= 0"),
+        (lambda: rag.CacheBlend(ratios=(0.1, 0.2), check_layers=(1, 2)), "not increase"),
+        (lambda: rag.CacheBlend(ratios=(0.1,), check_layers=(1, 2)), "one ratio per check layer"),
+        (lambda: rag.CacheBlend(check_layers=(0,)), "ascending layer indices from 1"),
+    ],
+)
+def test_bad_method_settings(make, message):
+    with pytest.raises(sagekv.SageKVError, match=message):
+        make()
