@@ -371,6 +371,10 @@ class SamKV(RagMethod):
     8 / 16 / 8 (its "large" is 64 / 128 / 64). Where the anchors score below every block the ratio
     is 1 (that implementation gives 0, keeping nothing of a document whose every block outranks
     its anchors).
+
+    Not in the paper: ``query="last"`` scores with the question's last token's query instead of its
+    mean (the query SAGE-KV selects with); ``max_kept=s`` scales every document's ratio down until
+    at most the share ``s`` of document tokens is kept (anchors are always kept).
     """
 
     initial: int = 8
@@ -379,6 +383,8 @@ class SamKV(RagMethod):
     layers: int = 4
     update: str = "overwrite"
     theta: float = 0.9
+    query: str = "mean"
+    max_kept: Optional[float] = None
     name = "samkv"
 
     def __post_init__(self):
@@ -390,6 +396,11 @@ class SamKV(RagMethod):
             raise SageKVError(f"update must be 'overwrite' or 'fusion', got {self.update!r}")
         if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not 0 < self.theta <= 1:
             raise SageKVError(f"theta must be in (0, 1], got {self.theta!r}")
+        if self.query not in ("mean", "last"):
+            raise SageKVError(f"query must be 'mean' or 'last', got {self.query!r}")
+        if self.max_kept is not None and (isinstance(self.max_kept, bool) or not isinstance(self.max_kept, (int, float))
+                                          or not 0 < self.max_kept <= 1):
+            raise SageKVError(f"max_kept must be a share in (0, 1], got {self.max_kept!r}")
         if self.local > QUERY_TAIL:
             raise SageKVError(f"local must be at most {QUERY_TAIL} (the stored query tail), got {self.local}")
 
@@ -407,16 +418,33 @@ class SamKV(RagMethod):
         layers = self.selection_layers(run.num_layers)
         question_query = self.question_query(model, pieces, question, layers)
         local_queries = [self.local_query(p, layers) for p in pieces]
-        chosen = []
+        scored = []  # per piece: (anchors, middle stop, block scores per layer, retention ratio) or None
         for i, piece in enumerate(pieces):
-            anchors = self.anchors(len(piece.ids))
-            if len(anchors) == len(piece.ids):
-                chosen.append([anchors] * len(layers))
+            n = len(piece.ids)
+            anchors = self.anchors(n)
+            if len(anchors) == n:
+                scored.append((anchors, n, None, 0.0))
                 continue
             query = personalised_query(question_query, local_queries, i)
             keys = run.rerotate(piece.read(run, "keys", layers=layers), piece.start)  # [n, S, Hkv, D]
-            scores = block_scores(run.ops, query, keys, anchors, self.initial, len(piece.ids) - self.local, self.block)
-            chosen.append(chosen_rows(scores, anchors, self.initial, len(piece.ids) - self.local, self.block))
+            anchor_score, scores = block_scores(run.ops, query, keys, anchors, self.initial, n - self.local, self.block)
+            ratio = float(np.mean([retention_ratio(a, b) for a, b in zip(anchor_score, scores)]))
+            scored.append((anchors, n - self.local, scores, ratio))
+
+        def choose(scale: float) -> list:
+            return [[anchors] * len(layers) if scores is None else
+                    chosen_rows(scores, anchors, self.initial, stop, self.block, int(scores.shape[1] * ratio * scale))
+                    for anchors, stop, scores, ratio in scored]
+
+        chosen = choose(1.0)
+        if self.max_kept is not None:  # scale every document's ratio down until the share fits
+            limit = self.max_kept * sum(len(p.ids) for p in pieces)
+            if kept_count(chosen) > limit:
+                low, high = 0.0, 1.0
+                for _ in range(30):
+                    middle = (low + high) / 2
+                    low, high = (middle, high) if kept_count(choose(middle)) <= limit else (low, middle)
+                chosen = choose(low)
         return chosen
 
     def prefill(self, model, pieces, question):
@@ -440,12 +468,13 @@ class SamKV(RagMethod):
         return cache, logits, total
 
     def question_query(self, model, pieces, question, layers):
-        """The question prefilled over every piece's anchors: its mean query at each selection
-        layer, [S, Hq, D] float32 numpy."""
+        """The question prefilled over every piece's anchors: its mean query (or its last token's)
+        at each selection layer, [S, Hq, D] float32 numpy."""
         run = model.runner
         cache, _ = repair(model, pieces, question, [self.anchors(len(p.ids)) for p in pieces], compute=np.arange(0))
         segments = run.decoders(cache)
-        return np.stack([to_float(run.ops, segments[n].queries).mean(axis=1) for n in layers])
+        queries = [to_float(run.ops, segments[n].queries) for n in layers]  # each [Hq, question tokens, D]
+        return np.stack([q.mean(axis=1) if self.query == "mean" else q[:, -1] for q in queries])
 
     def local_query(self, piece, layers):
         """The mean query of the piece's last ``local`` tokens at each selection layer, [S, Hq, D]."""
@@ -499,12 +528,14 @@ def block_scores(ops, query, keys, anchors, start: int, stop: int, block: int):
     return ops.to_numpy(anchor_score), ops.to_numpy(scores)
 
 
-def chosen_rows(scores, anchors, start: int, stop: int, block: int) -> list:
-    """Per selection layer: the anchors and the rows of the top blocks, as many blocks as the
-    document's retention ratio (the mean over layers) allows; ties keep the earlier block."""
-    anchor_score, block_score = scores
-    count = block_score.shape[1]
-    keep = int(count * float(np.mean([retention_ratio(a, b) for a, b in zip(anchor_score, block_score)])))
+def kept_count(chosen: list) -> int:
+    """Document tokens kept: the union over selection layers, summed over pieces."""
+    return sum(len(np.unique(np.concatenate(per_layer))) for per_layer in chosen)
+
+
+def chosen_rows(block_score, anchors, start: int, stop: int, block: int, keep: int) -> list:
+    """Per selection layer: the anchors and the rows of the ``keep`` best blocks (ties keep the
+    earlier block). ``block_score``: [S, blocks]."""
     chosen = []
     for row in block_score:
         top = np.sort(np.argsort(-row, kind="stable")[:keep])

@@ -19,7 +19,8 @@ QUESTION = "Question: what is the key for door seven? Answer:"
 TOKENS = 8
 EVERYTHING = [rag.CacheBlend(ratios=(1.0,)), rag.EPIC(k=10**6), rag.SamKV(initial=10**4, local=16)]
 METHODS = [rag.FullRecompute(), rag.Reuse(), rag.EPIC(), rag.CacheBlend(), rag.CacheBlend(ratios=(0.5, 0.2), check_layers=(1, 2)),
-           rag.SamKV(), rag.SamKV(update="fusion"), rag.SamKV(layers=1, initial=4, local=4, block=4)]
+           rag.SamKV(), rag.SamKV(update="fusion"), rag.SamKV(layers=1, initial=4, local=4, block=4),
+           rag.SamKV(query="last", max_kept=0.3, initial=2, local=2, block=4)]
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +175,21 @@ def test_samkv_keeps_anchors_and_a_share(load):
     assert result.rag.kept_tokens < result.rag.total_tokens
 
 
+@pytest.mark.parametrize("share", [0.2, 0.35, 0.5])
+def test_samkv_keeps_at_most_max_kept(load, share):
+    model = load("llama", "torch")
+    free = model.rag(DOCUMENTS, QUESTION, method=rag.SamKV(initial=2, local=2, block=4, query="last"), max_tokens=1)
+    capped = model.rag(DOCUMENTS, QUESTION, method=rag.SamKV(initial=2, local=2, block=4, query="last", max_kept=share),
+                       max_tokens=1)
+    limit = share * capped.rag.total_tokens
+    anchors = 4 * len(DOCUMENTS) + 1  # always kept (the preamble is one token)
+    assert capped.rag.kept_tokens <= max(limit, anchors)
+    if free.rag.kept_tokens <= limit:
+        assert capped.rag.kept_tokens == free.rag.kept_tokens and capped.tokens == free.tokens
+    else:
+        assert anchors < capped.rag.kept_tokens < free.rag.kept_tokens
+
+
 def test_samkv_selection_matches_the_float64_reference():
     """Personalised query, retention ratio and block choice, against the spec written out in float64."""
     rng = np.random.default_rng(0)
@@ -187,7 +203,9 @@ def test_samkv_selection_matches_the_float64_reference():
     for i in range(len(locals_)):
         query = rag.personalised_query(question, locals_, i)
         ops = sagekv.ops.ops_for(keys)
-        got = rag.chosen_rows(rag.block_scores(ops, query, keys, anchors, initial, n - local, block), anchors, initial, n - local, block)
+        anchor_score, scores = rag.block_scores(ops, query, keys, anchors, initial, n - local, block)
+        keep = int(scores.shape[1] * np.mean([rag.retention_ratio(a, b) for a, b in zip(anchor_score, scores)]))
+        got = rag.chosen_rows(scores, anchors, initial, n - local, block, keep)
         expected = samkv_selection(question, locals_, i, keys, initial, local, block)
         assert [list(g) for g in got] == [list(e) for e in expected]
     assert any(set(range(20, 28)) <= set(rows.tolist()) for rows in got)
@@ -229,6 +247,8 @@ def test_bad_input_is_one_line(load, call, message):
         (lambda: rag.SamKV(theta=0), "theta must be in"),
         (lambda: rag.SamKV(local=rag.QUERY_TAIL + 1), "local must be at most"),
         (lambda: rag.SamKV(block=0), "block must be >= 1"),
+        (lambda: rag.SamKV(query="first"), "query must be"),
+        (lambda: rag.SamKV(max_kept=0), "max_kept must be a share"),
         (lambda: rag.EPIC(k=-1), "k must be >= 0"),
         (lambda: rag.CacheBlend(ratios=(0.1, 0.2), check_layers=(1, 2)), "not increase"),
         (lambda: rag.CacheBlend(ratios=(0.1,), check_layers=(1, 2)), "one ratio per check layer"),
