@@ -208,9 +208,11 @@ class Runner:
 
     name = "mlx"
 
-    def __init__(self, path: str, config: dict, device=None, dtype=None):
+    def __init__(self, path: str, config: dict, device=None, dtype=None, random_weights: bool = False):
         from mlx_lm import load
 
+        if random_weights:
+            raise SageKVError("random_weights is implemented for the torch backend only")
         if device is not None:
             if device not in ("cpu", "gpu"):
                 raise SageKVError(f"MLX devices are 'cpu' and 'gpu', got {device!r}")

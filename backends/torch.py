@@ -84,7 +84,9 @@ class TorchOps:
 
     @staticmethod
     def attention(q, k, v, scale, mask=None):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        causal = isinstance(mask, str)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if causal else mask, is_causal=causal, scale=scale, enable_gqa=True)
 
     @staticmethod
     def astype_like(x, like):
@@ -178,13 +180,18 @@ class Runner:
 
     name = "torch"
 
-    def __init__(self, path: str, config: dict, device=None, dtype=None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, path: str, config: dict, device=None, dtype=None, random_weights: bool = False):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype] if dtype else "auto", attn_implementation=ATTENTION
-        ).to(self.device)
+        if random_weights:  # the checkpoint's shape, initialised on the device (benchmarks: no weights file)
+            with self.device:
+                self.model = AutoModelForCausalLM.from_config(
+                    AutoConfig.from_pretrained(path), dtype=DTYPES[dtype or "float32"], attn_implementation=ATTENTION)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES[dtype] if dtype else "auto", attn_implementation=ATTENTION
+            ).to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model.eval()
         self.num_layers = self.model.config.num_hidden_layers

@@ -73,12 +73,14 @@ def check_model_type(model_type) -> None:
         )
 
 
-def load(model: Optional[str] = None, backend: Optional[str] = None, device=None, dtype=None) -> "SageModel":
+def load(model: Optional[str] = None, backend: Optional[str] = None, device=None, dtype=None,
+         random_weights: bool = False) -> "SageModel":
     """Load a local checkpoint directory or a Hugging Face id with the backend's own loader.
 
     ``backend``: "mlx" (mlx-lm) or "torch" (transformers); default MLX on Apple silicon, else
     torch. ``device``: torch device string, or "cpu"/"gpu" for MLX. ``dtype``: one of
-    float32, float16, bfloat16, or None for the checkpoint's own.
+    float32, float16, bfloat16, or None for the checkpoint's own. ``random_weights`` (torch; for
+    benchmarks): the directory's config and tokenizer with random weights built on the device.
     """
     from .backends import get_backend
 
@@ -98,14 +100,14 @@ def load(model: Optional[str] = None, backend: Optional[str] = None, device=None
     else:
         config = {}  # a hub id: the loader fetches it, the type is checked once loaded
     try:
-        runner = module.Runner(model, config, device=device, dtype=dtype)
+        runner = module.Runner(model, config, device=device, dtype=dtype, random_weights=random_weights)
     except SageKVError:
         raise
     except Exception as error:  # loaders raise many types; the user needs the first line
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SageKVError(f"cannot load model {model} with {module.Runner.name}: {message}") from None
     check_model_type(runner.model_type)  # a hub id's config is only seen by the loader
-    return SageModel(runner, name, weights_fingerprint(model))
+    return SageModel(runner, name, None if random_weights else weights_fingerprint(model))
 
 
 def weights_fingerprint(path: str) -> Optional[str]:

@@ -74,10 +74,12 @@ class NumpyOps:
     @staticmethod
     def attention(q, k, v, scale, mask=None):
         """Grouped-query attention of q [1, Hq, L, D] over k, v [1, Hkv, T, D]; ``mask`` [L, T]
-        (True: attend) or None for all of them."""
+        (True: attend), "causal" (L == T) or None for all of them."""
         b, hq, length, d = q.shape
         hkv = k.shape[1]
         logits = (q.reshape(b, hkv, hq // hkv, length, d) @ k[:, :, None].swapaxes(-1, -2)) * scale
+        if isinstance(mask, str):
+            mask = np.tril(np.ones((length, k.shape[2]), bool))
         if mask is not None:
             logits = np.where(mask, logits, -np.inf)
         out = NumpyOps.softmax(logits).astype(v.dtype) @ v[:, :, None]

@@ -111,8 +111,10 @@ class SegmentKV:
         """Attention of the rows just written [1, Hq, L, D] over every row at or before each."""
         rows, size = self.written, self.size
         self.queries = queries[0]
-        if rows[0] == size - len(rows) and len(rows) == 1:
+        if len(rows) == 1 and rows[0] == size - 1:
             mask = None  # one row at the end sees everything
+        elif len(rows) == size:
+            mask = "causal"  # every row: the plain causal mask, which keeps attention on its fastest kernel
         else:
             mask = self.ops.asarray(np.arange(size)[None, :] <= rows[:, None], like=queries)
         return self.ops.attention(queries, self.keys[:, :, :size], self.values[:, :, :size], scale, mask)
@@ -166,23 +168,29 @@ def prefill_document(model, ids: list, start: int = 0) -> dict:
     """``ids`` prefilled alone at positions start..: keys and values [n, L, Hkv, D] and the queries of
     its last QUERY_TAIL tokens [q, L, Hq, D], as (numpy, safetensors dtype) pairs for the store."""
     run = model.runner
-    segments = [SegmentKV.empty(run.ops, run.empty_kv()) for _ in range(run.num_layers)]
-    cache = run.wrap(segments)
-    tails = [[] for _ in segments]
-    for first in range(0, len(ids), PREFILL_ROWS):
-        rows = np.arange(first, min(first + PREFILL_ROWS, len(ids)))
-        run_pass(run, cache, segments, [ids[r] for r in rows], rows + start, rows)
-        for tail, segment in zip(tails, segments):
-            tail.append(segment.queries)
-    ops = run.ops
-    tail = min(len(ids), QUERY_TAIL)
-    by_token = lambda per_layer: ops.xp.stack(per_layer).swapaxes(0, 2).swapaxes(1, 2)  # [L, H, n, D] -> [n, L, H, D]  # noqa: E731
-    queries = [ops.concat(t, axis=1)[:, -tail:] for t in tails]
+    _, segments, _, tails = fresh_prefill(run, ids, start, PREFILL_ROWS)
+    by_token = lambda per_layer: run.ops.xp.stack(per_layer).swapaxes(0, 2).swapaxes(1, 2)  # [L, H, n, D] -> [n, L, H, D]  # noqa: E731
     return {
         "keys": run.raw(by_token([s.keys[0, :, : s.size] for s in segments])),
         "values": run.raw(by_token([s.values[0, :, : s.size] for s in segments])),
-        "queries": run.raw(by_token(queries)),
+        "queries": run.raw(by_token(tails)),
     }
+
+
+def fresh_prefill(run, ids: list, start: int = 0, chunk: Optional[int] = None):
+    """An ordinary causal prefill of ``ids`` at positions start.., ``chunk`` rows per pass (default:
+    one pass, the fastest causal kernel): the cache, its layers, the last logits and, per layer, the
+    queries of the last QUERY_TAIL tokens."""
+    segments = [SegmentKV.empty(run.ops, run.empty_kv()) for _ in range(run.num_layers)]
+    cache = run.wrap(segments)
+    tails = [None] * len(segments)
+    chunk = chunk or len(ids)
+    for first in range(0, len(ids), chunk):
+        rows = np.arange(first, min(first + chunk, len(ids)))
+        logits = run_pass(run, cache, segments, [ids[r] for r in rows], rows + start, rows)
+        tails = [s.queries if t is None else run.ops.concat([t, s.queries], axis=1) for t, s in zip(tails, segments)]
+        tails = [t[:, -QUERY_TAIL:] for t in tails]
+    return cache, segments, logits, tails
 
 
 def stored_piece(model, store, ids: list, start: int) -> Piece:
@@ -276,8 +284,8 @@ class FullRecompute(RagMethod):
 
     def prefill(self, model, pieces, question):
         ids = [t for piece in pieces for t in piece.ids] + list(question)
-        prefilled = model.prefill(ids)
-        return prefilled.cache, prefilled.logits, len(ids) - len(question)
+        cache, _, logits, _ = fresh_prefill(model.runner, ids)
+        return cache, logits, len(ids) - len(question)
 
 
 @dataclass(frozen=True)
@@ -374,7 +382,8 @@ class SamKV(RagMethod):
 
     Not in the paper: ``query="last"`` scores with the question's last token's query instead of its
     mean (the query SAGE-KV selects with); ``max_kept=s`` scales every document's ratio down until
-    at most the share ``s`` of document tokens is kept (anchors are always kept).
+    at most the share ``s`` of document tokens is kept (anchors are always kept). ``recompute=False``
+    is the paper's ablation: the kept entries are used as stored.
     """
 
     initial: int = 8
@@ -385,6 +394,7 @@ class SamKV(RagMethod):
     theta: float = 0.9
     query: str = "mean"
     max_kept: Optional[float] = None
+    recompute: bool = True
     name = "samkv"
 
     def __post_init__(self):
@@ -462,6 +472,9 @@ class SamKV(RagMethod):
             rows = [offsets[i] + np.searchsorted(kept[i], np.unique(np.concatenate([chosen[i][j] for j in later])))
                     for i in range(len(pieces))] if later else []
             needed.append(np.concatenate([*rows, question_compact]).astype(np.int64))
+        if not self.recompute:  # the ablation: the kept entries as stored, only the question computed
+            cache, logits = repair(model, pieces, question, kept, compute=np.arange(0))
+            return cache, logits, total
         theta = self.theta if self.update == "fusion" else None
         cache, logits = repair(model, pieces, question, kept, schedule=lambda layer, rows, segments: needed[layer],
                                theta=theta)

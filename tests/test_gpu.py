@@ -85,3 +85,21 @@ def test_torch_cuda_releases_full_cache(tmp_path):
     assert before - after >= 0.95 * (full - kept)
     token = run.argmax(run.forward([66], cache))
     assert 0 <= token < 258
+
+
+RAG_DOCUMENTS = ["Alpha beta gamma delta. The key for door seven is 4821. " * 3, "Eta theta iota kappa lambda. " * 5]
+RAG_QUESTION = "Question: what is the key for door seven? Answer:"
+
+
+@pytest.mark.gpu
+def test_torch_cuda_rag_matches_cpu(tmp_path):
+    torch_cuda()
+    from sagekv.checkpoints import make_tiny_checkpoint
+    from sagekv.rag import METHODS
+
+    path = make_tiny_checkpoint(tmp_path / "rag", "llama", seed=3, num_hidden_layers=4)
+    cpu, gpu = (sagekv.load(path, backend="torch", device=device, dtype="float32") for device in ("cpu", "cuda"))
+    for method in METHODS:
+        a = gpu.rag(RAG_DOCUMENTS, RAG_QUESTION, method=method, max_tokens=8)
+        b = cpu.rag(RAG_DOCUMENTS, RAG_QUESTION, method=method, max_tokens=8)
+        assert a.tokens == b.tokens and a.rag.kept_tokens == b.rag.kept_tokens, method
