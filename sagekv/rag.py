@@ -61,7 +61,7 @@ class SegmentKV:
         self.track = False
         self.deviation = None  # per written row that was held: squared change of its key
         self.queries = None  # the last written rows' queries [Hq, L, D]
-        self.written = None
+        self.written = self.written_index = None  # the last written rows, on the host and on the device
 
     @classmethod
     def empty(cls, ops, like):
@@ -101,6 +101,7 @@ class SegmentKV:
                 value = ops.concat([fuse(old_v, value[:, :, :held]), value[:, :, held:]], axis=2)
         self.keys[:, :, index] = key
         self.values[:, :, index] = value
+        self.written_index = index
         if held < count:
             self.positions = np.concatenate([self.positions, positions[held:]])
         self.size += count - held
@@ -116,7 +117,8 @@ class SegmentKV:
         elif len(rows) == size:
             mask = "causal"  # every row: the plain causal mask, which keeps attention on its fastest kernel
         else:
-            mask = self.ops.asarray(np.arange(size)[None, :] <= rows[:, None], like=queries)
+            index = self.written_index  # built on the device: a [rows, size] mask is too large to send
+            mask = self.ops.arange(0, size, like=index)[None, :] <= index[:, None]
         return self.ops.attention(queries, self.keys[:, :, :size], self.values[:, :, :size], scale, mask)
 
     def decode_cache(self, policy, layer: int):
@@ -161,6 +163,8 @@ class Piece:
 
     def read(self, run, name: str, rows=None, layers=None):
         """Stored rows as an array of the model's backend."""
+        if rows is not None and len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+            rows = slice(int(rows[0]), int(rows[-1]) + 1)  # a range reads as one block
         return run.from_raw(self.stored.read(name, rows, layers), self.stored.dtype(name))
 
 

@@ -31,6 +31,9 @@ SHAPES = {
     "tiny": dict(num_hidden_layers=4, max_position_embeddings=65536),
 }
 METHODS = ["full_recompute", "reuse", "epic", "cacheblend", "samkv"]
+# Random weights score every block alike, so SamKV's data-dependent ratio keeps nearly everything; the
+# benchmark caps it at the share the paper reports (15%) so its cost is that of a realistic selection.
+BENCH_METHODS = {"samkv": rag.SamKV(max_kept=0.15)}
 
 
 def device_memory(device: str):
@@ -79,7 +82,7 @@ def main():
     print("| method | kept tokens | kept % | KV GiB | TTFT s | x full recompute | peak GiB above start |")
     print("|---|---|---|---|---|---|---|")
     for name in args.methods.split(","):
-        method = rag.make_method(name)
+        method = BENCH_METHODS.get(name) or rag.make_method(name)
         runs, peaks = [], []
         for _ in range(args.repeats + 1):
             start = memory[0]() if memory else 0
