@@ -17,80 +17,27 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from ..errors import SageKVError
+from ..ops import Ops
 from ..selection import last_queries
 
 
-class MlxOps:
-    name = "mlx"
-    xp = mx  # maximum, minimum, sqrt: spelled the same in numpy, MLX and torch
+class MlxOps(Ops):
+    """MLX: float32 throughout, its precise softmax and fused attention."""
 
-    @staticmethod
-    def float32(x):
-        return x.astype(mx.float32)
+    xp = mx
+    index_dtype = mx.int32
 
-    @staticmethod
-    def arange(start, stop, like):
-        return mx.arange(start, stop, dtype=mx.int32)
+    @classmethod
+    def float32(cls, x):
+        return x.astype(mx.float32)  # MLX computes float64 on the CPU only
 
-    @staticmethod
-    def concat(xs, axis):
-        return mx.concatenate(xs, axis=axis)
-
-    @staticmethod
-    def broadcast_rows(x, rows):
-        return mx.broadcast_to(x, (rows, x.shape[-1]))
-
-    @staticmethod
-    def topk_indices(x, k):
-        return mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
-
-    @staticmethod
-    def sort(x):
-        return mx.sort(x, axis=-1)
-
-    @staticmethod
-    def full(shape, value, like):
-        return mx.full(shape, value, dtype=like.dtype)
-
-    @staticmethod
-    def asarray(x, like):
-        return mx.array(x)
-
-    @staticmethod
-    def cumsum(x, axis):
-        return mx.cumsum(x.astype(mx.int32), axis=axis)
-
-    @staticmethod
-    def round(x, decimals):
-        return mx.round(x, decimals)
-
-    @staticmethod
-    def reduce_max(x, axis):
-        return x.max(axis=axis)
-
-    @staticmethod
-    def reduce_min(x, axis):
-        return x.min(axis=axis)
-
-    @staticmethod
-    def softmax(x):
+    @classmethod
+    def softmax(cls, x):
         return mx.softmax(x, axis=-1, precise=True)
 
-    @staticmethod
-    def attention(q, k, v, scale):
+    @classmethod
+    def attention(cls, q, k, v, scale):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-
-    @staticmethod
-    def astype_like(x, like):
-        return x.astype(like.dtype)
-
-    @staticmethod
-    def to_numpy(x):
-        return np.array(x)
-
-    @staticmethod
-    def nbytes(x):
-        return int(x.nbytes)
 
 
 class SageKVCache(KVCache):
