@@ -6,7 +6,7 @@ import pytest
 import sagekv
 from conftest import LIBRARIES, to_library, to_numpy
 from reference import masked_attention
-from sagekv.compact import CompactKV
+from sagekv.cache import CompactKV
 from sagekv.ops import ops_for
 
 
