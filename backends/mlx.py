@@ -147,7 +147,8 @@ class Runner:
 
     def forward(self, ids, cache):
         logits = self.model(mx.array(ids)[None], cache=cache)[0, -1]
-        mx.eval(logits, [c.queries for c in cache if c.decoder is None])
+        # a decoder's kept positions feed no logit: evaluate its state so no graph grows per step
+        mx.eval(logits, [c.queries if c.decoder is None else c.decoder.state for c in cache])
         return logits
 
     def argmax(self, logits) -> int:
@@ -161,7 +162,7 @@ class Runner:
             raise RuntimeError("attention was not routed through sagekv; is this model family supported?")
         for layer, c in enumerate(cache):
             c.compress(policy, layer)
-        mx.eval([c.decoder.arrays for c in cache if c.decoder is not None])
+        mx.eval([c.decoder.state for c in cache if c.decoder is not None])
 
     def clone_cache(self, cache):
         return [c.clone() for c in cache]

@@ -65,6 +65,10 @@ class TorchOps(Ops):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
 
     @classmethod
+    def write(cls, buffer, axis, index, value):
+        buffer.index_copy_(axis, index, value)  # one copy kernel; assignment would go through index_put_
+
+    @classmethod
     def to_numpy(cls, x):
         return x.detach().cpu().numpy()
 

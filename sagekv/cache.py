@@ -97,7 +97,7 @@ class CompactKV(DecodeCache):
     logits, which is exactly attention over the union of kept positions.
     """
 
-    held = ("shared_k", "shared_v", "shared_positions", "selected_k", "selected_v", "selected_positions")
+    held = ("shared_k", "shared_v", "shared_positions", "step", "selected_k", "selected_v", "selected_positions")
 
     def __init__(self, ops, layout, positions, keys, values):
         """``positions``: kept positions [rows, S+k+R+1]; ``keys``/``values``: full [1, Hkv, N, D]."""
@@ -117,13 +117,14 @@ class CompactKV(DecodeCache):
         self.shared_k = ops.concat(parts(keys, middle_k), axis=2)
         self.shared_v = ops.concat(parts(values, middle_v), axis=2)
 
-        selected = ops.to_numpy(positions[:, s : s + k]).astype(np.int64)
-        shared_selected = np.zeros((hkv, 0), np.int64) if per_head else selected.reshape(hkv, k)
-        fixed = lambda first, stop: np.broadcast_to(np.arange(first, stop), (hkv, stop - first))  # noqa: E731
-        self.shared_positions = np.concatenate([fixed(0, s), shared_selected, fixed(n - 1 - r, n)], axis=1)
-        self.selected_positions = selected if per_head else None
-        self.next_slot = 0  # ring slot holding the oldest entry
-        self.length = n
+        # Positions stay arrays on the device, as does the step count the ring slot comes from, so
+        # append indexes with arrays only; sink and ring are the same in every row of a group.
+        first = positions.reshape(hkv, layout.groups_per_kv, -1)[:, 0]
+        sink, selected, ring = first[:, :s], first[:, s : s + k], first[:, s + k :]
+        self.shared_positions = ops.concat([sink, ring] if per_head else [sink, selected, ring], axis=1)
+        self.selected_positions = positions[:, s : s + k] if per_head else None
+        self.step = ops.full((1,), 0, like=self.shared_positions)  # tokens appended since selection
+        self.length = n  # the same count on the host, n + step, for position ids without a device read
 
     @classmethod
     def from_prefill(cls, policy, ops, queries, keys, values):
@@ -156,11 +157,13 @@ class CompactKV(DecodeCache):
         """Write one decoded token's key/value [1, Hkv, 1, D] over the oldest ring entry."""
         if key.shape[2] != 1:
             raise SageKVError("after eviction the cache takes one token per step")
-        slot = self.ring_start + self.next_slot
-        self.shared_k[:, :, slot : slot + 1] = key
-        self.shared_v[:, :, slot : slot + 1] = value
-        self.shared_positions[:, slot] = self.length
-        self.next_slot = (self.next_slot + 1) % self.ring_size
+        ops, hkv = self.ops, self.layout.kv_heads
+        slot = self.step % self.ring_size + self.ring_start  # the oldest entry
+        ops.write(self.shared_k, 2, slot, key)
+        ops.write(self.shared_v, 2, slot, value)
+        position = self.step + self.layout.n
+        ops.write(self.shared_positions, 1, slot, ops.xp.broadcast_to(position, (hkv, 1)))
+        self.step += 1
         self.length += 1
 
     def attend(self, queries, scale):
@@ -175,10 +178,12 @@ class CompactKV(DecodeCache):
         return out.reshape(1, hq, 1, d)
 
     def kept(self):
+        shared = self.ops.to_numpy(self.shared_positions).astype(np.int64)
         if not self.per_head:
-            return np.sort(self.shared_positions, axis=1)
-        shared = np.repeat(self.shared_positions, self.layout.groups_per_kv, axis=0)
-        return np.sort(np.concatenate([shared, self.selected_positions], axis=1), axis=1)
+            return np.sort(shared, axis=1)
+        shared = np.repeat(shared, self.layout.groups_per_kv, axis=0)
+        selected = self.ops.to_numpy(self.selected_positions).astype(np.int64)
+        return np.sort(np.concatenate([shared, selected], axis=1), axis=1)
 
     @property
     def arrays(self) -> list:
@@ -187,13 +192,12 @@ class CompactKV(DecodeCache):
 
     @property
     def meta(self) -> dict:
-        return {**super().meta, **asdict(self.layout), "next_slot": self.next_slot}
+        return {**super().meta, **asdict(self.layout)}
 
     @classmethod
     def from_state(cls, ops, arrays: dict, meta: dict):
         cache = super().from_state(ops, arrays, meta)
         cache.layout = Layout(**{field.name: meta[field.name] for field in fields(Layout)})
-        cache.next_slot = meta["next_slot"]
         return cache
 
 

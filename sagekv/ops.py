@@ -86,6 +86,12 @@ class Ops:
         return x.min(axis=axis)
 
     @classmethod
+    def write(cls, buffer, axis, index, value):
+        """Write ``value`` into ``buffer`` in place at the positions in the index array ``index``
+        along ``axis``; an array index (not a Python int) keeps the step the same every time."""
+        buffer[(slice(None),) * axis + (index,)] = value
+
+    @classmethod
     def to_numpy(cls, x):
         return np.asarray(x)
 
