@@ -118,7 +118,7 @@ def _rope_overrides(config: dict) -> dict:
 
 
 class Runner:
-    """What the generation loop needs from a backend, for mlx-lm models."""
+    """The generation loop's runner (:class:`sagekv.backend.Runner`) for mlx-lm models."""
 
     name = "mlx"
 

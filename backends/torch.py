@@ -144,7 +144,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 class Runner:
-    """What the generation loop needs from a backend, for transformers models."""
+    """The generation loop's runner (:class:`sagekv.backend.Runner`) for transformers models."""
 
     name = "torch"
 
