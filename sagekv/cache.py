@@ -30,6 +30,7 @@ class DecodeCache(ABC):
     """
 
     held: ClassVar[tuple]
+    ops: type  # the Ops of the arrays' library
     length: int  # tokens seen: the next token's position
 
     @abstractmethod
@@ -61,6 +62,7 @@ class DecodeCache(ABC):
 
     @property
     def meta(self) -> dict:
+        """The plain settings that, with ``state``, make up the cache."""
         return {"kind": type(self).__name__, "length": self.length}
 
     @classmethod
