@@ -19,80 +19,27 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from ..errors import SageKVError
+from ..ops import Ops
 from ..selection import last_queries
 
 
-class MlxOps:
-    name = "mlx"
-    xp = mx  # maximum, minimum, sqrt: spelled the same in numpy, MLX and torch
+class MlxOps(Ops):
+    """MLX: float32 throughout, its precise softmax and fused attention."""
 
-    @staticmethod
-    def float32(x):
-        return x.astype(mx.float32)
+    xp = mx
+    index_dtype = mx.int32
 
-    @staticmethod
-    def arange(start, stop, like):
-        return mx.arange(start, stop, dtype=mx.int32)
+    @classmethod
+    def float32(cls, x):
+        return x.astype(mx.float32)  # MLX computes float64 on the CPU only
 
-    @staticmethod
-    def concat(xs, axis):
-        return mx.concatenate(xs, axis=axis)
-
-    @staticmethod
-    def broadcast_rows(x, rows):
-        return mx.broadcast_to(x, (rows, x.shape[-1]))
-
-    @staticmethod
-    def topk_indices(x, k):
-        return mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
-
-    @staticmethod
-    def sort(x):
-        return mx.sort(x, axis=-1)
-
-    @staticmethod
-    def full(shape, value, like):
-        return mx.full(shape, value, dtype=like.dtype)
-
-    @staticmethod
-    def asarray(x, like):
-        return mx.array(x)
-
-    @staticmethod
-    def cumsum(x, axis):
-        return mx.cumsum(x.astype(mx.int32), axis=axis)
-
-    @staticmethod
-    def round(x, decimals):
-        return mx.round(x, decimals)
-
-    @staticmethod
-    def reduce_max(x, axis):
-        return x.max(axis=axis)
-
-    @staticmethod
-    def reduce_min(x, axis):
-        return x.min(axis=axis)
-
-    @staticmethod
-    def softmax(x):
+    @classmethod
+    def softmax(cls, x):
         return mx.softmax(x, axis=-1, precise=True)
 
-    @staticmethod
-    def attention(q, k, v, scale, mask=None):
+    @classmethod
+    def attention(cls, q, k, v, scale, mask=None):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-
-    @staticmethod
-    def astype_like(x, like):
-        return x.astype(like.dtype)
-
-    @staticmethod
-    def to_numpy(x):
-        return np.array(x)
-
-    @staticmethod
-    def nbytes(x):
-        return int(x.nbytes)
 
 
 STORED_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16"}  # safetensors' names
@@ -204,7 +151,7 @@ def _rope_overrides(config: dict) -> dict:
 
 
 class Runner:
-    """What the generation loop needs from a backend, for mlx-lm models."""
+    """The generation loop's runner (:class:`sagekv.backend.Runner`) for mlx-lm models."""
 
     name = "mlx"
 
@@ -239,7 +186,8 @@ class Runner:
 
     def forward(self, ids, cache):
         logits = self.model(mx.array(ids)[None], cache=cache)[0, -1]
-        mx.eval(logits, [c.queries for c in cache if c.decoder is None])
+        # a decoder's kept positions feed no logit: evaluate its state so no graph grows per step
+        mx.eval(logits, [c.queries if c.decoder is None else c.decoder.state for c in cache])
         return logits
 
     def argmax(self, logits) -> int:
@@ -253,7 +201,7 @@ class Runner:
             raise RuntimeError("attention was not routed through sagekv; is this model family supported?")
         for layer, c in enumerate(cache):
             c.compress(policy, layer)
-        mx.eval([c.decoder.arrays for c in cache if c.decoder is not None])
+        mx.eval([c.decoder.state for c in cache if c.decoder is not None])
 
     def clone_cache(self, cache):
         return [c.clone() for c in cache]

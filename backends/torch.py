@@ -20,85 +20,60 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..errors import SageKVError
+from ..ops import Ops
 from ..selection import last_queries
 
 ATTENTION = "sagekv"
 _active_cache = contextvars.ContextVar("sagekv_active_cache", default=None)
 
 
-class TorchOps:
-    name = "torch"
-    xp = torch  # maximum, minimum, sqrt: spelled the same in numpy, MLX and torch
+class TorchOps(Ops):
+    """torch: new arrays on the input's device; its own topk, sort, softmax and attention."""
 
-    @staticmethod
-    def float32(x):
-        return x if x.dtype == torch.float64 else x.float()
+    xp = torch
+    index_dtype = torch.int64
 
-    @staticmethod
-    def arange(start, stop, like):
-        return torch.arange(start, stop, device=like.device)
+    @classmethod
+    def placement(cls, like) -> dict:
+        return {"device": like.device}
 
-    @staticmethod
-    def concat(xs, axis):
-        return torch.cat(xs, dim=axis)
+    @classmethod
+    def astype(cls, x, dtype):
+        return x.to(dtype)
 
-    @staticmethod
-    def broadcast_rows(x, rows):
-        return x.expand(rows, x.shape[-1]).contiguous()
-
-    @staticmethod
-    def topk_indices(x, k):
+    @classmethod
+    def topk_indices(cls, x, k):
         return torch.topk(x, k, dim=-1, sorted=False).indices
 
-    @staticmethod
-    def sort(x):
+    @classmethod
+    def sort(cls, x):
         return torch.sort(x, dim=-1).values
 
-    @staticmethod
-    def full(shape, value, like):
-        return torch.full(shape, value, dtype=like.dtype, device=like.device)
+    @classmethod
+    def reduce_max(cls, x, axis):
+        return x.amax(dim=axis)  # Tensor.max(dim) also returns the indices
 
-    @staticmethod
-    def asarray(x, like):
-        return torch.from_numpy(x).to(like.device)
-
-    @staticmethod
-    def cumsum(x, axis):
-        return torch.cumsum(x, dim=axis)
-
-    @staticmethod
-    def round(x, decimals):
-        return torch.round(x, decimals=decimals)
-
-    @staticmethod
-    def reduce_max(x, axis):
-        return x.amax(dim=axis)
-
-    @staticmethod
-    def reduce_min(x, axis):
+    @classmethod
+    def reduce_min(cls, x, axis):
         return x.amin(dim=axis)
 
-    @staticmethod
-    def softmax(x):
+    @classmethod
+    def softmax(cls, x):
         return torch.softmax(x, dim=-1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
-    @staticmethod
-    def attention(q, k, v, scale, mask=None):
+    @classmethod
+    def attention(cls, q, k, v, scale, mask=None):
         causal = isinstance(mask, str)
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=None if causal else mask, is_causal=causal, scale=scale, enable_gqa=True)
 
-    @staticmethod
-    def astype_like(x, like):
-        return x.to(like.dtype)
+    @classmethod
+    def write(cls, buffer, axis, index, value):
+        buffer.index_copy_(axis, index, value)  # one copy kernel; assignment would go through index_put_
 
-    @staticmethod
-    def to_numpy(x):
+    @classmethod
+    def to_numpy(cls, x):
         return x.detach().cpu().numpy()
-
-    @staticmethod
-    def nbytes(x):
-        return x.numel() * x.element_size()
 
 
 class SageLayer(DynamicLayer):
@@ -176,7 +151,7 @@ STORED_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF
 
 
 class Runner:
-    """What the generation loop needs from a backend, for transformers models."""
+    """The generation loop's runner (:class:`sagekv.backend.Runner`) for transformers models."""
 
     name = "torch"
 

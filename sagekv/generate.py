@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .backend import Runner
 from .errors import SageKVError
 from .policies import Full, Policy
 
@@ -130,7 +131,7 @@ def weights_fingerprint(path: str) -> Optional[str]:
 class SageModel:
     """A loaded model; :meth:`generate` runs full-attention prefill, one selection, then decode."""
 
-    def __init__(self, runner, name: str, weights: Optional[str] = None):
+    def __init__(self, runner: Runner, name: str, weights: Optional[str] = None):
         self.runner, self.name, self.weights = runner, name, weights
         self.backend = runner.name
 

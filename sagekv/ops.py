@@ -1,9 +1,11 @@
-"""The few array operations that differ between numpy, MLX and torch.
+"""The array operations the core needs, written once for numpy, MLX and torch.
 
-Everything else the core needs (``@``, indexing, ``reshape``, ``swapaxes``, ``sum``, and the
-functions of ``ops.xp``, the library's own namespace) is spelled the same in all three. The
-backends define the MLX and torch versions; :func:`ops_for` picks one from an array's type
-without importing a library it was not given.
+:class:`Ops` spells each operation through ``xp``, the library's own namespace, where numpy,
+MLX and torch agree (``xp.concatenate(xs, axis=...)``, ``xp.cumsum``, ``xp.round``,
+``xp.maximum``, ...); everything else the core needs (``@``, indexing, ``reshape``,
+``swapaxes``, ``sum``) is spelled the same on the arrays themselves. Each library's subclass
+overrides only what truly differs: the backends define the MLX and torch ones, and
+:func:`ops_for` picks one from an array's type without importing a library it was not given.
 """
 
 from __future__ import annotations
@@ -11,68 +13,108 @@ from __future__ import annotations
 import numpy as np
 
 
-class NumpyOps:
-    name = "numpy"
-    xp = np  # maximum, minimum, sqrt: spelled the same in numpy, MLX and torch
+class Ops:
+    """Operations spelled through ``xp``; used as a class, never instantiated."""
 
-    @staticmethod
-    def float32(x):
-        return x if x.dtype == np.float64 else x.astype(np.float32)
+    xp = None  # the library's namespace
+    index_dtype = None  # dtype of positions and indices
 
-    @staticmethod
-    def arange(start, stop, like):
-        return np.arange(start, stop, dtype=np.int64)
+    @classmethod
+    def placement(cls, like) -> dict:
+        """Keyword arguments that create a new array where ``like`` lives (only torch has devices)."""
+        return {}
 
-    @staticmethod
-    def concat(xs, axis):
-        return np.concatenate(xs, axis=axis)
+    @classmethod
+    def astype(cls, x, dtype):
+        return x.astype(dtype)
 
-    @staticmethod
-    def broadcast_rows(x, rows):
-        return np.broadcast_to(x, (rows, x.shape[-1])).copy()
+    @classmethod
+    def astype_like(cls, x, like):
+        return cls.astype(x, like.dtype)
 
-    @staticmethod
-    def topk_indices(x, k):
+    @classmethod
+    def float32(cls, x):
+        """``x`` in float32, unless it is float64 (then it stays)."""
+        return x if x.dtype == cls.xp.float64 else cls.astype(x, cls.xp.float32)
+
+    @classmethod
+    def arange(cls, start, stop, like):
+        return cls.xp.arange(start, stop, dtype=cls.index_dtype, **cls.placement(like))
+
+    @classmethod
+    def full(cls, shape, value, like):
+        return cls.xp.full(shape, value, dtype=like.dtype, **cls.placement(like))
+
+    @classmethod
+    def asarray(cls, x, like):
+        """The numpy array ``x`` in this library, where ``like`` lives."""
+        return cls.xp.asarray(x, **cls.placement(like))
+
+    @classmethod
+    def concat(cls, xs, axis):
+        return cls.xp.concatenate(xs, axis=axis)
+
+    @classmethod
+    def broadcast_rows(cls, x, rows):
+        """``x`` [n] repeated as ``rows`` rows [rows, n], a new array."""
+        return cls.xp.tile(x, (rows, 1))
+
+    @classmethod
+    def topk_indices(cls, x, k):
         """Indices of the k largest entries along the last axis, in no particular order."""
-        return np.argpartition(-x, k - 1, axis=-1)[..., :k]
+        return cls.astype(cls.xp.argpartition(-x, kth=k - 1, axis=-1)[..., :k], cls.index_dtype)
 
-    @staticmethod
-    def sort(x):
-        return np.sort(x, axis=-1)
+    @classmethod
+    def sort(cls, x):
+        return cls.xp.sort(x, axis=-1)
 
-    @staticmethod
-    def full(shape, value, like):
-        return np.full(shape, value, dtype=like.dtype)
+    @classmethod
+    def cumsum(cls, x, axis):
+        """Running sum, counted in the index dtype (so booleans count as 0/1 in every library)."""
+        return cls.xp.cumsum(cls.astype(x, cls.index_dtype), axis=axis)
 
-    @staticmethod
-    def asarray(x, like):
-        return np.asarray(x)
+    @classmethod
+    def round(cls, x, decimals):
+        return cls.xp.round(x, decimals=decimals)
 
-    @staticmethod
-    def cumsum(x, axis):
-        return np.cumsum(x, axis=axis)
-
-    @staticmethod
-    def round(x, decimals):
-        return np.round(x, decimals)
-
-    @staticmethod
-    def reduce_max(x, axis):
+    @classmethod
+    def reduce_max(cls, x, axis):
         return x.max(axis=axis)
 
-    @staticmethod
-    def reduce_min(x, axis):
+    @classmethod
+    def reduce_min(cls, x, axis):
         return x.min(axis=axis)
 
-    @staticmethod
-    def softmax(x):
+    @classmethod
+    def write(cls, buffer, axis, index, value):
+        """Write ``value`` into ``buffer`` in place at the positions in the index array ``index``
+        along ``axis``; an array index (not a Python int) keeps the step the same every time."""
+        buffer[(slice(None),) * axis + (index,)] = value
+
+    @classmethod
+    def to_numpy(cls, x):
+        return np.asarray(x)
+
+    @classmethod
+    def nbytes(cls, x) -> int:
+        return int(x.nbytes)
+
+
+class NumpyOps(Ops):
+    """numpy: no softmax or attention of its own, so both are written out here."""
+
+    xp = np
+    index_dtype = np.int64
+
+    @classmethod
+    def softmax(cls, x):
         """Softmax over the last axis, computed in (at least) float32."""
-        x = NumpyOps.float32(x)
+        x = cls.float32(x)
         e = np.exp(x - x.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)
 
-    @staticmethod
-    def attention(q, k, v, scale, mask=None):
+    @classmethod
+    def attention(cls, q, k, v, scale, mask=None):
         """Grouped-query attention of q [1, Hq, L, D] over k, v [1, Hkv, T, D]; ``mask`` [L, T]
         (True: attend), "causal" (L == T) or None for all of them."""
         b, hq, length, d = q.shape
@@ -82,20 +124,8 @@ class NumpyOps:
             mask = np.tril(np.ones((length, k.shape[2]), bool))
         if mask is not None:
             logits = np.where(mask, logits, -np.inf)
-        out = NumpyOps.softmax(logits).astype(v.dtype) @ v[:, :, None]
+        out = cls.softmax(logits).astype(v.dtype) @ v[:, :, None]
         return out.reshape(b, hq, length, d).astype(q.dtype)
-
-    @staticmethod
-    def astype_like(x, like):
-        return x.astype(like.dtype)
-
-    @staticmethod
-    def to_numpy(x):
-        return np.asarray(x)
-
-    @staticmethod
-    def nbytes(x):
-        return int(x.nbytes)
 
 
 def ops_for(array):

@@ -27,122 +27,13 @@ from typing import ClassVar, Optional
 
 import numpy as np
 
+from .cache import SegmentKV
 from .errors import SageKVError
 from .policies.base import check_int
 from .store import MemoryStore, content_key
 
 QUERY_TAIL = 128  # a stored document keeps the queries of its last tokens (SamKV's local query)
 PREFILL_ROWS = 2048  # rows per pass when a document is prefilled alone
-
-
-# ---------------------------------------------------------------------------------------------
-# The cache a RAG method builds, one per layer
-
-
-class SegmentKV:
-    """One layer's keys/values [1, Hkv, T, D] for a compact sequence at given global positions.
-
-    ``begin(rows, positions)`` announces the rows (compact indices, ascending) the next
-    ``append`` writes: rows already held are overwritten, or fused as ``(1 - theta) * old +
-    theta * new``; rows past the end are appended. ``attend`` then lets each written row see every
-    row at or before its compact index. Without ``begin``, ``append`` adds one decoded token at
-    the end (its position the next one), so the same object decodes after the method is done.
-    """
-
-    growth = 256  # rows added per reallocation
-
-    def __init__(self, ops, keys, values, positions):
-        self.ops = ops
-        self.size = keys.shape[2]
-        self.keys, self.values = self._grown(keys, self.growth), self._grown(values, self.growth)
-        self.positions = np.asarray(positions, dtype=np.int64)
-        self.length = int(self.positions[-1]) + 1 if self.size else 0  # the next token's position
-        self.rows = self.row_positions = self.theta = None
-        self.track = False
-        self.deviation = None  # per written row that was held: squared change of its key
-        self.queries = None  # the last written rows' queries [Hq, L, D]
-        self.written = self.written_index = None  # the last written rows, on the host and on the device
-
-    @classmethod
-    def empty(cls, ops, like):
-        """A cache holding nothing yet, in ``like``'s dtype and device ([1, Hkv, 0, D])."""
-        return cls(ops, like, like, np.zeros(0, np.int64))
-
-    def _grown(self, x, extra: int):
-        spare = self.ops.full((*x.shape[:2], extra, x.shape[3]), 0.0, like=x)
-        return self.ops.concat([x, spare], axis=2)
-
-    def begin(self, rows, positions, theta: Optional[float] = None, track: bool = False):
-        self.rows, self.row_positions, self.theta, self.track = rows, positions, theta, track
-
-    def append(self, key, value):
-        ops, count = self.ops, key.shape[2]
-        if self.rows is None:
-            rows, positions = np.arange(self.size, self.size + count), np.arange(self.length, self.length + count)
-        else:
-            rows, positions = self.rows, self.row_positions
-            self.rows = None
-        if len(rows) != count:
-            raise SageKVError(f"a pass announced {len(rows)} rows but the model wrote {count}")
-        held = int(np.searchsorted(rows, self.size))  # rows[:held] exist, rows[held:] are appended
-        if held < count and not np.array_equal(rows[held:], np.arange(self.size, self.size + count - held)):
-            raise SageKVError("appended rows must follow the cache's end")
-        while self.size + count - held > self.keys.shape[2]:
-            self.keys, self.values = self._grown(self.keys, self.growth), self._grown(self.values, self.growth)
-        index = ops.asarray(rows, like=self.keys)
-        if held:
-            old_k, old_v = self.keys[:, :, index[:held]], self.values[:, :, index[:held]]
-            if self.track:
-                change = ops.float32(key[:, :, :held]) - ops.float32(old_k)
-                self.deviation = ops.to_numpy((change * change).sum(axis=-1).sum(axis=1)[0])
-            if self.theta is not None:
-                fuse = lambda old, new: ops.astype_like(old * (1 - self.theta) + new * self.theta, old)  # noqa: E731
-                key = ops.concat([fuse(old_k, key[:, :, :held]), key[:, :, held:]], axis=2)
-                value = ops.concat([fuse(old_v, value[:, :, :held]), value[:, :, held:]], axis=2)
-        self.keys[:, :, index] = key
-        self.values[:, :, index] = value
-        self.written_index = index
-        if held < count:
-            self.positions = np.concatenate([self.positions, positions[held:]])
-        self.size += count - held
-        self.length = max(self.length, int(positions[-1]) + 1)
-        self.written = rows
-
-    def attend(self, queries, scale):
-        """Attention of the rows just written [1, Hq, L, D] over every row at or before each."""
-        rows, size = self.written, self.size
-        self.queries = queries[0]
-        if len(rows) == 1 and rows[0] == size - 1:
-            mask = None  # one row at the end sees everything
-        elif len(rows) == size:
-            mask = "causal"  # every row: the plain causal mask, which keeps attention on its fastest kernel
-        else:
-            index = self.written_index  # built on the device: a [rows, size] mask is too large to send
-            mask = self.ops.arange(0, size, like=index)[None, :] <= index[:, None]
-        return self.ops.attention(queries, self.keys[:, :, :size], self.values[:, :, :size], scale, mask)
-
-    def decode_cache(self, policy, layer: int):
-        """The cache to decode on: this one, or the policy's compact cache over its entries."""
-        window = policy.observed_queries
-        if window > self.queries.shape[1]:
-            raise SageKVError(f"{policy.name} observes {window} queries; the question has {self.queries.shape[1]} tokens")
-        compact = policy.decode_cache(self.ops, self.queries[:, -window:], self.keys[:, :, : self.size],
-                                      self.values[:, :, : self.size], layer)
-        if compact is None:
-            return self
-        compact.length = self.length  # positions continue from the concatenated prompt's
-        return compact
-
-    def kept(self):
-        return self.positions[None]
-
-    @property
-    def arrays(self) -> list:
-        return [self.keys[:, :, : self.size], self.values[:, :, : self.size]]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self.ops.nbytes(a) for a in self.arrays)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from conftest import LIBRARIES, needs_mlx, needs_torch, to_library, to_numpy
 from reference import assert_valid_selection, masked_attention, policy_reference, quest_pages
 from sagekv.ops import ops_for
 from sagekv.tasks import generate
-from sagekv.policies.quest import QuestKV
+from sagekv.cache import QuestKV
 
 # Each policy with an easy and a hard setting (kvpress' test matrix style).
 POLICIES = [

@@ -84,7 +84,7 @@ class Policy:
 
     def decode_cache(self, ops, queries, keys, values, layer: int):
         """The cache this layer decodes on after prefill, or None to keep the full cache."""
-        from ..compact import CompactKV
+        from ..cache import CompactKV  # the cache module imports this one
 
         return CompactKV.from_prefill(self, ops, queries, keys, values)
 

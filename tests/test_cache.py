@@ -1,4 +1,7 @@
-"""Decoding over the compact cache equals full attention masked to the kept positions."""
+"""Decoding over the compact cache equals full attention masked to the kept positions; every
+decode cache comes back identical from its state; the compact cache's indices stay on the device."""
+
+import json
 
 import numpy as np
 import pytest
@@ -6,7 +9,7 @@ import pytest
 import sagekv
 from conftest import LIBRARIES, to_library, to_numpy
 from reference import masked_attention
-from sagekv.compact import CompactKV
+from sagekv.cache import CompactKV, QuestKV, SegmentKV, cache_from_state
 from sagekv.ops import ops_for
 
 
@@ -99,3 +102,64 @@ def test_half_precision_decode_is_close(library, dtype, policy):
         row = h if cache.layout.groups_per_kv == g else h // g
         expected = masked_attention(queries[1, h], keys[0, h // g], values[0, h // g], list(kept[row]), d**-0.5)
         np.testing.assert_allclose(out[h], expected, rtol=3e-2, atol=3e-2)
+
+
+DECODE_CACHES = {
+    "compact_query_head": lambda ops, q, k, v: CompactKV.from_prefill(sagekv.SageKV(24), ops, q, k, v),
+    "compact_kv_head": lambda ops, q, k, v: CompactKV.from_prefill(sagekv.SageKV(24, group="kv_head"), ops, q, k, v),
+    "quest": lambda ops, q, k, v: QuestKV(ops, sagekv.Quest(16, page=4), k, v),
+    # a RAG cache with gaps in its positions (every third token evicted)
+    "segment": lambda ops, q, k, v: SegmentKV(ops, k, v, np.arange(k.shape[2]) * 3 // 2),
+}
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("kind", DECODE_CACHES)
+def test_rebuilt_from_state_decodes_identically(library, kind):
+    """Saved as a saved cache would be (arrays through numpy, meta through JSON), rebuilt after some
+    steps, then both decode on: the same outputs and kept positions, across ring roll-overs and,
+    for Quest, a reallocation of its store (the prompt plus 256 tokens)."""
+    rng = np.random.default_rng(7)
+    hq, hkv, d, n, steps, saved_at = 8, 2, 8, 70, 300, 150
+    keys = rng.standard_normal((1, hkv, n + steps, d))
+    values = rng.standard_normal((1, hkv, n + steps, d))
+    queries = rng.standard_normal((steps, hq, d))
+    as_lib = lambda x: to_library(x.astype(np.float32), library)  # noqa: E731
+    ops = ops_for(as_lib(keys))
+    cache = DECODE_CACHES[kind](ops, as_lib(queries[0][:, None]), as_lib(keys[:, :, :n]), as_lib(values[:, :, :n]))
+    step = lambda c, t: c.append(as_lib(keys[:, :, n + t : n + t + 1]), as_lib(values[:, :, n + t : n + t + 1]))  # noqa: E731
+    for t in range(saved_at):
+        step(cache, t)
+
+    arrays = {name: to_library(np.array(to_numpy(array)), library) for name, array in cache.state.items()}
+    twin = cache_from_state(ops, arrays, json.loads(json.dumps(cache.meta)))
+    assert type(twin) is type(cache) and twin.meta == cache.meta
+    assert (twin.length, twin.nbytes) == (cache.length, cache.nbytes)
+
+    for t in range(saved_at, steps):
+        step(cache, t)
+        step(twin, t)
+        query = as_lib(queries[t][None, :, None])
+        np.testing.assert_array_equal(to_numpy(twin.attend(query, d**-0.5)), to_numpy(cache.attend(query, d**-0.5)))
+        kept, twin_kept = cache.kept(), twin.kept()
+        assert (kept is None and twin_kept is None) or np.array_equal(kept, twin_kept)
+
+
+def test_unknown_cache_kind():
+    with pytest.raises(ValueError, match="unknown decode cache kind 'SamKV'"):
+        cache_from_state(ops_for(np.zeros(1)), {}, {"kind": "SamKV"})
+
+
+@pytest.mark.parametrize("library", ["mlx", "torch"])
+@pytest.mark.parametrize("policy", [sagekv.SageKV(24), sagekv.SageKV(24, group="kv_head")], ids=["query_head", "kv_head"])
+def test_ring_slot_and_positions_are_library_arrays(library, policy):
+    """What append indexes with lives on the device, so a decode step reads no per-step host value."""
+    rng = np.random.default_rng(3)
+    keys = to_library(rng.standard_normal((1, 2, 81, 8)).astype(np.float32), library)
+    queries = to_library(rng.standard_normal((8, 1, 8)).astype(np.float32), library)
+    cache = CompactKV.from_prefill(policy, ops_for(keys), queries, keys[:, :, :80], keys[:, :, :80])
+    cache.append(keys[:, :, 80:], keys[:, :, 80:])
+    state = cache.state
+    assert {"step", "shared_positions"} <= set(state)
+    assert all(type(array).__module__.split(".")[0] == library for array in state.values())
+    assert int(to_numpy(cache.step)[0]) == 1 and cache.length == 81

@@ -1,0 +1,55 @@
+"""What a backend provides: the runner that the generation loop drives.
+
+Each backend module (``sagekv.backends.mlx``, ``sagekv.backends.torch``) defines a class
+``Runner``, built as ``Runner(path, config, device=None, dtype=None)``, that has every member
+of :class:`Runner` here: what :mod:`sagekv.generate`, the CLI, the demo and the tests call on
+``model.runner``. Caches and logits are the backend's own objects; the loop only passes them back.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Runner(Protocol):
+    name: str
+    """The backend's name: "mlx" or "torch"."""
+    tokenizer: object
+    """The model's Hugging Face tokenizer."""
+    num_layers: int
+    """Decoder layers, one cache layer each."""
+    model_type: str
+    """The model family as config.json names it ("llama", "qwen2", ...)."""
+    eos_ids: set
+    """Token ids that end generation."""
+
+    def new_cache(self, observed_queries: int = 1):
+        """An empty cache that records each layer's last ``observed_queries`` prompt queries."""
+
+    def prefill(self, ids: list, cache):
+        """Run prompt tokens through the model into ``cache``; any result is unused."""
+
+    def forward(self, ids: list, cache):
+        """Run tokens through the model into ``cache``; the last position's logits."""
+
+    def argmax(self, logits) -> int:
+        """The id of the highest logit."""
+
+    def logits_numpy(self, logits):
+        """The logits as a float32 numpy array."""
+
+    def compress(self, cache, policy) -> None:
+        """Give each layer the policy's decode cache (releasing the full one), or keep it full."""
+
+    def clone_cache(self, cache):
+        """A copy of a prefilled cache that decoding can consume while the original serves again."""
+
+    def kv_bytes(self, cache) -> int:
+        """Bytes the cache holds now: keys, values and any decode-cache metadata."""
+
+    def kept(self, cache) -> list:
+        """Per layer, the positions each row keeps (numpy), or None where nothing was evicted."""
+
+    def sync(self) -> None:
+        """Wait until the device has finished queued work (for timings)."""

@@ -1,0 +1,422 @@
+"""Every decode cache: what one layer decodes on after prefill, once a policy has chosen.
+
+Each is a :class:`DecodeCache`: it takes one token's key/value per step (``append``), answers
+that token's attention (``attend``), and can be taken apart into arrays and plain settings
+(``state``, ``meta``) and put back together (``from_state``, or :func:`cache_from_state`,
+which reads the class from ``meta["kind"]``), as mlx-lm's prompt caches do.
+
+* :class:`CompactKV`: the fixed-size cache of an evicting policy.
+* :class:`QuestKV`: Quest's full cache in pages, with each page's key bounds.
+* :class:`SegmentKV`: a cache assembled from stored document segments (sagekv.rag), repaired by
+  recomputing chosen rows, then decoded on.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, fields
+from typing import ClassVar
+
+import numpy as np
+
+from .errors import SageKVError
+from .policies.base import Layout
+from .selection import kept_positions
+
+
+class DecodeCache(ABC):
+    """What every decode cache provides.
+
+    ``held`` names the array attributes that are the cache's ``state``; ``meta`` holds the
+    plain settings (ints, strings, lists) that complete it, ``kind`` naming the class.
+    """
+
+    held: ClassVar[tuple]
+    ops: type  # the Ops of the arrays' library
+    length: int  # tokens seen: the next token's position
+    growth: ClassVar[int] = 256  # rows added per reallocation, for caches that grow
+
+    def grown(self, x, extra: int):
+        """``x`` [1, Hkv, T, D] with ``extra`` zero rows of room appended along T."""
+        spare = self.ops.full((*x.shape[:2], extra, x.shape[3]), 0.0, like=x)
+        return self.ops.concat([x, spare], axis=2)
+
+    @abstractmethod
+    def append(self, key, value):
+        """Take one decoded token's key/value [1, Hkv, 1, D]."""
+
+    @abstractmethod
+    def attend(self, queries, scale):
+        """Attention of one query token [1, Hq, 1, D] over what the cache keeps: [1, Hq, 1, D]."""
+
+    @abstractmethod
+    def kept(self):
+        """Positions each row attends to now, sorted [rows, kept] (numpy), or None when it keeps all."""
+
+    @property
+    @abstractmethod
+    def arrays(self) -> list:
+        """The buffers counted as KV memory."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.ops.nbytes(a) for a in self.arrays)
+
+    @property
+    def state(self) -> dict:
+        """Every array the cache holds, by name (the arrays themselves, not copies)."""
+        held = {name: getattr(self, name) for name in self.held}
+        return {name: array for name, array in held.items() if array is not None}
+
+    @property
+    def meta(self) -> dict:
+        """The plain settings that, with ``state``, make up the cache."""
+        return {"kind": type(self).__name__, "length": self.length}
+
+    @classmethod
+    def from_state(cls, ops, arrays: dict, meta: dict):
+        """The cache that ``state`` and ``meta`` were read from; it adopts ``arrays`` (no copy)."""
+        cache = cls.__new__(cls)  # the state is what __init__ computed: nothing to redo
+        cache.ops, cache.length = ops, meta["length"]
+        for name in cls.held:
+            setattr(cache, name, arrays.get(name))
+        return cache
+
+
+def cache_from_state(ops, arrays: dict, meta: dict) -> DecodeCache:
+    """Rebuild a decode cache of any kind from its ``state`` and ``meta``."""
+    kinds = {kind.__name__: kind for kind in DecodeCache.__subclasses__()}
+    if meta.get("kind") not in kinds:
+        raise SageKVError(f"unknown decode cache kind {meta.get('kind')!r} (known: {', '.join(kinds)})")
+    return kinds[meta["kind"]].from_state(ops, arrays, meta)
+
+
+class CompactKV(DecodeCache):
+    """The fixed-size cache one layer decodes on after eviction.
+
+    Layout per KV head (batch 1), preallocated once at selection time:
+
+    * ``shared``: [sink | selected shared by the group | ring], what every query head of the
+      group attends to. The ring starts as the R recent prompt tokens plus the last one; each
+      decoded token overwrites its oldest entry, so the size never changes.
+    * ``selected``: only with per-query-head selection, [Hkv, G, k, D]: each query head reads
+      its own k rows, so sink and recent entries are never copied G times.
+
+    Without a per-head part, decode is one fused GQA attention over ``shared``. With one, the
+    two parts are scored separately and normalised by one softmax over their concatenated
+    logits, which is exactly attention over the union of kept positions.
+    """
+
+    held = ("shared_k", "shared_v", "shared_positions", "step", "selected_k", "selected_v", "selected_positions")
+
+    def __init__(self, ops, layout, positions, keys, values):
+        """``positions``: kept positions [rows, S+k+R+1]; ``keys``/``values``: full [1, Hkv, N, D]."""
+        self.ops, self.layout = ops, layout
+        s, k, r, n, hkv = layout.sink, layout.topk, layout.recent, layout.n, layout.kv_heads
+        per_head = layout.groups_per_kv > 1 and k > 0
+        index = positions[:, s : s + k].reshape(hkv, layout.groups_per_kv, k)
+        head = ops.arange(0, hkv, like=index).reshape(hkv, 1, 1)
+        pick = lambda x: x[0][head, index][None]  # noqa: E731  advanced indexing copies
+        parts = lambda x, middle: [x[:, :, :s], *middle, x[:, :, n - 1 - r :]]  # noqa: E731
+        if per_head:
+            self.selected_k, self.selected_v = pick(keys), pick(values)  # [1, Hkv, G, k, D]
+            middle_k = middle_v = []
+        else:
+            self.selected_k = self.selected_v = None
+            middle_k, middle_v = ([pick(keys)[:, :, 0]], [pick(values)[:, :, 0]]) if k else ([], [])
+        self.shared_k = ops.concat(parts(keys, middle_k), axis=2)
+        self.shared_v = ops.concat(parts(values, middle_v), axis=2)
+
+        # Positions stay arrays on the device, as does the step count the ring slot comes from, so
+        # append indexes with arrays only; sink and ring are the same in every row of a group.
+        first = positions.reshape(hkv, layout.groups_per_kv, -1)[:, 0]
+        sink, selected, ring = first[:, :s], first[:, s : s + k], first[:, s + k :]
+        self.shared_positions = ops.concat([sink, ring] if per_head else [sink, selected, ring], axis=1)
+        self.selected_positions = positions[:, s : s + k] if per_head else None
+        self.step = ops.full((1,), 0, like=self.shared_positions)  # tokens appended since selection
+        self.length = n  # the same count on the host, n + step, for position ids without a device read
+
+    @classmethod
+    def from_prefill(cls, policy, ops, queries, keys, values):
+        """Select and build, or return None when the policy keeps everything.
+
+        ``queries``: [Hq, W, D] the last prompt queries; ``keys``/``values``: [1, Hkv, N, D].
+        """
+        if keys.shape[0] != 1:
+            raise SageKVError("eviction supports batch size 1")
+        layout = policy.layout(keys.shape[2], queries.shape[0], keys.shape[1])
+        if not layout.evicts:
+            return None
+        positions = kept_positions(policy, ops, queries, keys[0], layout)
+        return cls(ops, layout, positions, keys, values)
+
+    @property
+    def per_head(self) -> bool:
+        """Whether each query head has selected entries of its own."""
+        return self.selected_k is not None
+
+    @property
+    def ring_size(self) -> int:
+        return self.layout.recent + 1
+
+    @property
+    def ring_start(self) -> int:
+        return self.shared_positions.shape[1] - self.ring_size
+
+    def append(self, key, value):
+        """Write one decoded token's key/value [1, Hkv, 1, D] over the oldest ring entry."""
+        if key.shape[2] != 1:
+            raise SageKVError("after eviction the cache takes one token per step")
+        ops, hkv = self.ops, self.layout.kv_heads
+        slot = self.step % self.ring_size + self.ring_start  # the oldest entry
+        ops.write(self.shared_k, 2, slot, key)
+        ops.write(self.shared_v, 2, slot, value)
+        position = self.step + self.layout.n
+        ops.write(self.shared_positions, 1, slot, ops.xp.broadcast_to(position, (hkv, 1)))
+        self.step += 1
+        self.length += 1
+
+    def attend(self, queries, scale):
+        ops, hkv = self.ops, self.layout.kv_heads
+        _, hq, length, d = queries.shape
+        if length != 1:
+            raise SageKVError("after eviction the cache takes one token per step")
+        if not self.per_head:
+            return ops.attention(queries, self.shared_k, self.shared_v, scale)
+        q = queries.reshape(1, hkv, hq // hkv, d) * scale
+        out = two_part_attention(ops, q, self.shared_k, self.shared_v, self.selected_k, self.selected_v)
+        return out.reshape(1, hq, 1, d)
+
+    def kept(self):
+        shared = self.ops.to_numpy(self.shared_positions).astype(np.int64)
+        if not self.per_head:
+            return np.sort(shared, axis=1)
+        shared = np.repeat(shared, self.layout.groups_per_kv, axis=0)
+        selected = self.ops.to_numpy(self.selected_positions).astype(np.int64)
+        return np.sort(np.concatenate([shared, selected], axis=1), axis=1)
+
+    @property
+    def arrays(self) -> list:
+        held = [self.shared_k, self.shared_v, self.selected_k, self.selected_v]
+        return [a for a in held if a is not None]
+
+    @property
+    def meta(self) -> dict:
+        return {**super().meta, **asdict(self.layout)}
+
+    @classmethod
+    def from_state(cls, ops, arrays: dict, meta: dict):
+        cache = super().from_state(ops, arrays, meta)
+        cache.layout = Layout(**{field.name: meta[field.name] for field in fields(Layout)})
+        return cache
+
+
+def two_part_attention(ops, q, shared_k, shared_v, selected_k, selected_v):
+    """Attention of scaled queries q [1, Hkv, G, D] over each KV head's shared entries and each
+    query head's own selected entries [1, Hkv, G, k, D], normalised by one softmax."""
+    shared_logits = q @ shared_k.swapaxes(-1, -2)  # [1, Hkv, G, S+R+1]
+    selected_logits = (q[:, :, :, None] @ selected_k.swapaxes(-1, -2))[:, :, :, 0]  # [1, Hkv, G, k]
+    probs = ops.softmax(ops.concat([shared_logits, selected_logits], axis=-1))
+    shared = shared_k.shape[2]
+    out = ops.astype_like(probs[..., :shared], shared_v) @ shared_v
+    p_selected = ops.astype_like(probs[..., shared:], selected_v)[:, :, :, None]
+    out = out + (p_selected @ selected_v)[:, :, :, 0]
+    return ops.astype_like(out, q)
+
+
+class QuestKV(DecodeCache):
+    """The full cache in pages of ``page`` tokens with each page's per-channel key min and max.
+
+    Each step, per query head, attends to the ``pages_per_step`` pages with the highest upper
+    bound of q.k plus the current page. The buffers grow by ``growth`` tokens when full.
+    """
+
+    held = ("keys", "values", "page_min", "page_max")
+
+    def __init__(self, ops, policy, keys, values):
+        self.ops, self.page, self.pages_per_step = ops, policy.page, policy.budget // policy.page
+        self.length = keys.shape[2]
+        self.keys, self.values = self.grown(keys, self.growth), self.grown(values, self.growth)
+        pages = -(-self.length // self.page)
+        bounds_min, bounds_max = [], []
+        for p in range(pages):
+            chunk = keys[:, :, p * self.page : (p + 1) * self.page]
+            bounds_min.append(ops.reduce_min(chunk, axis=2)[:, :, None])
+            bounds_max.append(ops.reduce_max(chunk, axis=2)[:, :, None])
+        self.page_min = self.grown(ops.concat(bounds_min, axis=2), self.page_growth)
+        self.page_max = self.grown(ops.concat(bounds_max, axis=2), self.page_growth)
+
+    @property
+    def page_growth(self) -> int:
+        """Pages added per reallocation of the bounds."""
+        return -(-self.growth // self.page)
+
+
+    def append(self, key, value):
+        if key.shape[2] != 1:
+            raise SageKVError("after prefill the Quest cache takes one token per step")
+        t, ops = self.length, self.ops
+        if t == self.keys.shape[2]:
+            self.keys, self.values = self.grown(self.keys, self.growth), self.grown(self.values, self.growth)
+        self.keys[:, :, t : t + 1] = key
+        self.values[:, :, t : t + 1] = value
+        p = t // self.page
+        if p == self.page_min.shape[2]:
+            self.page_min = self.grown(self.page_min, self.page_growth)
+            self.page_max = self.grown(self.page_max, self.page_growth)
+        if t % self.page == 0:
+            self.page_min[:, :, p : p + 1], self.page_max[:, :, p : p + 1] = key, key
+        else:
+            self.page_min[:, :, p : p + 1] = ops.xp.minimum(self.page_min[:, :, p : p + 1], key)
+            self.page_max[:, :, p : p + 1] = ops.xp.maximum(self.page_max[:, :, p : p + 1], key)
+        self.length = t + 1
+
+    def attend(self, queries, scale):
+        ops, t = self.ops, self.length
+        _, hq, _, d = queries.shape
+        hkv = self.keys.shape[1]
+        pages = -(-t // self.page)
+        if pages - 1 <= self.pages_per_step:  # every page fits the budget
+            return ops.attention(queries, self.keys[:, :, :t], self.values[:, :, :t], scale)
+        q = ops.float32(queries.reshape(hkv, hq // hkv, 1, d))
+        low, high = ops.float32(self.page_min[0, :, None, : pages - 1]), ops.float32(self.page_max[0, :, None, : pages - 1])
+        bound = ops.xp.maximum(q * low, q * high).sum(axis=-1)  # [Hkv, G, pages-1]
+        chosen = ops.topk_indices(bound, self.pages_per_step)
+        current = ops.full((*chosen.shape[:2], 1), pages - 1, like=chosen)
+        chosen = ops.concat([chosen, current], axis=-1)  # [Hkv, G, P]
+        offsets = ops.arange(0, self.page, like=chosen)
+        positions = (chosen[..., None] * self.page + offsets).reshape(hkv, hq // hkv, -1)
+        beyond = ops.float32(positions >= t)[:, :, None]  # only the current page runs past the end
+        positions = ops.xp.minimum(positions, ops.full(positions.shape, t - 1, like=positions))
+        head = ops.arange(0, hkv, like=positions).reshape(hkv, 1, 1)
+        k, v = self.keys[0][head, positions], self.values[0][head, positions]  # [Hkv, G, L, D]
+        logits = ops.float32(ops.astype_like(q, k) @ k.swapaxes(-1, -2)) * scale - 1e30 * beyond
+        probs = ops.astype_like(ops.softmax(logits), v)
+        return ops.astype_like((probs @ v).reshape(1, hq, 1, d), queries)
+
+    def kept(self):
+        return None  # every position stays; pages are chosen per step
+
+    @property
+    def arrays(self) -> list:
+        return [self.keys, self.values, self.page_min, self.page_max]  # the page bounds are memory too
+
+    @property
+    def meta(self) -> dict:
+        return {**super().meta, "page": self.page, "pages_per_step": self.pages_per_step}
+
+    @classmethod
+    def from_state(cls, ops, arrays: dict, meta: dict):
+        cache = super().from_state(ops, arrays, meta)
+        cache.page, cache.pages_per_step = meta["page"], meta["pages_per_step"]
+        return cache
+
+
+class SegmentKV(DecodeCache):
+    """One layer's keys/values [1, Hkv, T, D] for a compact sequence at given global positions.
+
+    ``begin(rows, positions)`` announces the rows (compact indices, ascending) the next
+    ``append`` writes: rows already held are overwritten, or fused as ``(1 - theta) * old +
+    theta * new``; rows past the end are appended. ``attend`` then lets each written row see every
+    row at or before its compact index. Without ``begin``, ``append`` adds one decoded token at
+    the end (its position the next one), so the same object decodes after the method is done.
+    """
+
+    held = ("keys", "values")
+
+    def __init__(self, ops, keys, values, positions):
+        self.ops = ops
+        self.size = keys.shape[2]
+        self.keys, self.values = self.grown(keys, self.growth), self.grown(values, self.growth)
+        self.positions = np.asarray(positions, dtype=np.int64)
+        self.length = int(self.positions[-1]) + 1 if self.size else 0  # the next token's position
+        self.rows = self.row_positions = self.theta = None
+        self.track = False
+        self.deviation = None  # per written row that was held: squared change of its key
+        self.queries = None  # the last written rows' queries [Hq, L, D]
+        self.written = self.written_index = None  # the last written rows, on the host and on the device
+
+    @classmethod
+    def empty(cls, ops, like):
+        """A cache holding nothing yet, in ``like``'s dtype and device ([1, Hkv, 0, D])."""
+        return cls(ops, like, like, np.zeros(0, np.int64))
+
+    def begin(self, rows, positions, theta: Optional[float] = None, track: bool = False):
+        self.rows, self.row_positions, self.theta, self.track = rows, positions, theta, track
+
+    def append(self, key, value):
+        ops, count = self.ops, key.shape[2]
+        if self.rows is None:
+            rows, positions = np.arange(self.size, self.size + count), np.arange(self.length, self.length + count)
+        else:
+            rows, positions = self.rows, self.row_positions
+            self.rows = None
+        if len(rows) != count:
+            raise SageKVError(f"a pass announced {len(rows)} rows but the model wrote {count}")
+        held = int(np.searchsorted(rows, self.size))  # rows[:held] exist, rows[held:] are appended
+        if held < count and not np.array_equal(rows[held:], np.arange(self.size, self.size + count - held)):
+            raise SageKVError("appended rows must follow the cache's end")
+        while self.size + count - held > self.keys.shape[2]:
+            self.keys, self.values = self.grown(self.keys, self.growth), self.grown(self.values, self.growth)
+        index = ops.asarray(rows, like=self.keys)
+        if held:
+            old_k, old_v = self.keys[:, :, index[:held]], self.values[:, :, index[:held]]
+            if self.track:
+                change = ops.float32(key[:, :, :held]) - ops.float32(old_k)
+                self.deviation = ops.to_numpy((change * change).sum(axis=-1).sum(axis=1)[0])
+            if self.theta is not None:
+                fuse = lambda old, new: ops.astype_like(old * (1 - self.theta) + new * self.theta, old)  # noqa: E731
+                key = ops.concat([fuse(old_k, key[:, :, :held]), key[:, :, held:]], axis=2)
+                value = ops.concat([fuse(old_v, value[:, :, :held]), value[:, :, held:]], axis=2)
+        ops.write(self.keys, 2, index, key)
+        ops.write(self.values, 2, index, value)
+        self.written_index = index
+        if held < count:
+            self.positions = np.concatenate([self.positions, positions[held:]])
+        self.size += count - held
+        self.length = max(self.length, int(positions[-1]) + 1)
+        self.written = rows
+
+    def attend(self, queries, scale):
+        """Attention of the rows just written [1, Hq, L, D] over every row at or before each."""
+        rows, size = self.written, self.size
+        self.queries = queries[0]
+        if len(rows) == 1 and rows[0] == size - 1:
+            mask = None  # one row at the end sees everything
+        elif len(rows) == size:
+            mask = "causal"  # every row: the plain causal mask, which keeps attention on its fastest kernel
+        else:
+            index = self.written_index  # built on the device: a [rows, size] mask is too large to send
+            mask = self.ops.arange(0, size, like=index)[None, :] <= index[:, None]
+        return self.ops.attention(queries, self.keys[:, :, :size], self.values[:, :, :size], scale, mask)
+
+    def decode_cache(self, policy, layer: int):
+        """The cache to decode on: this one, or the policy's compact cache over its entries."""
+        window = policy.observed_queries
+        if window > self.queries.shape[1]:
+            raise SageKVError(f"{policy.name} observes {window} queries; the question has {self.queries.shape[1]} tokens")
+        compact = policy.decode_cache(self.ops, self.queries[:, -window:], self.keys[:, :, : self.size],
+                                      self.values[:, :, : self.size], layer)
+        if compact is None:
+            return self
+        compact.length = self.length  # positions continue from the concatenated prompt's
+        return compact
+
+    def kept(self):
+        return self.positions[None]
+
+    @property
+    def arrays(self) -> list:
+        return [self.keys[:, :, : self.size], self.values[:, :, : self.size]]
+
+    @property
+    def state(self) -> dict:
+        return {"keys": self.keys[:, :, : self.size], "values": self.values[:, :, : self.size]}
+
+    @property
+    def meta(self) -> dict:
+        return {**super().meta, "positions": self.positions.tolist()}
+
+    @classmethod
+    def from_state(cls, ops, arrays: dict, meta: dict):
+        return cls(ops, arrays["keys"], arrays["values"], np.asarray(meta["positions"], np.int64))
