@@ -334,19 +334,19 @@ class SamKV(RagMethod):
             keys = run.rerotate(piece.read(run, "keys", layers=layers), piece.start)  # [n, S, Hkv, D]
             anchor_score, scores = block_scores(run.ops, query, keys, anchors, self.initial, n - self.local, self.block)
             ratio = float(np.mean([retention_ratio(a, b) for a, b in zip(anchor_score, scores)]))
-            scored.append((anchors, n - self.local, scores, ratio))
+            scored.append((anchors, n - self.local, block_order(scores), ratio))
 
         def choose(scale: float) -> list:
-            return [[anchors] * len(layers) if scores is None else
-                    chosen_rows(scores, anchors, self.initial, stop, self.block, int(scores.shape[1] * ratio * scale))
-                    for anchors, stop, scores, ratio in scored]
+            return [[anchors] * len(layers) if order is None else
+                    chosen_rows(order, anchors, self.initial, stop, self.block, int(order.shape[1] * ratio * scale))
+                    for anchors, stop, order, ratio in scored]
 
         chosen = choose(1.0)
         if self.max_kept is not None:  # scale every document's ratio down until the share fits
             limit = self.max_kept * sum(len(p.ids) for p in pieces)
             if kept_count(chosen) > limit:
                 low, high = 0.0, 1.0
-                for _ in range(30):
+                for _ in range(16):  # to 1/65536 of the ratios
                     middle = (low + high) / 2
                     low, high = (middle, high) if kept_count(choose(middle)) <= limit else (low, middle)
                 chosen = choose(low)
@@ -441,15 +441,20 @@ def kept_count(chosen: list) -> int:
     return sum(len(np.unique(np.concatenate(per_layer))) for per_layer in chosen)
 
 
-def chosen_rows(block_score, anchors, start: int, stop: int, block: int, keep: int) -> list:
-    """Per selection layer: the anchors and the rows of the ``keep`` best blocks (ties keep the
-    earlier block). ``block_score``: [S, blocks]."""
+def chosen_rows(order, anchors, start: int, stop: int, block: int, keep: int) -> list:
+    """Per selection layer: the anchors and the rows of the ``keep`` best blocks. ``order``: per
+    layer, the block indices best first ([S, blocks]; see :func:`block_order`)."""
+    within = np.arange(block)
     chosen = []
-    for row in block_score:
-        top = np.sort(np.argsort(-row, kind="stable")[:keep])
-        rows = [np.arange(start + b * block, min(start + (b + 1) * block, stop)) for b in top]
-        chosen.append(np.sort(np.concatenate([anchors, *rows])).astype(np.int64))
+    for ranked in order:
+        rows = (start + ranked[:keep, None] * block + within).ravel()
+        chosen.append(np.union1d(anchors, rows[rows < stop]).astype(np.int64))
     return chosen
+
+
+def block_order(block_score):
+    """Block indices by descending score per layer; ties keep the earlier block."""
+    return np.argsort(-block_score, axis=-1, kind="stable")
 
 
 def retention_ratio(anchor_score: float, block_score) -> float:

@@ -205,7 +205,7 @@ def test_samkv_selection_matches_the_float64_reference():
         ops = sagekv.ops.ops_for(keys)
         anchor_score, scores = rag.block_scores(ops, query, keys, anchors, initial, n - local, block)
         keep = int(scores.shape[1] * np.mean([rag.retention_ratio(a, b) for a, b in zip(anchor_score, scores)]))
-        got = rag.chosen_rows(scores, anchors, initial, n - local, block, keep)
+        got = rag.chosen_rows(rag.block_order(scores), anchors, initial, n - local, block, keep)
         expected = samkv_selection(question, locals_, i, keys, initial, local, block)
         assert [list(g) for g in got] == [list(e) for e in expected]
     assert any(set(range(20, 28)) <= set(rows.tolist()) for rows in got)
