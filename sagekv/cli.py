@@ -47,10 +47,7 @@ def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, de
         return run_example(backend, model_path, policy, budget, device, dtype, as_json)
     if not prompt.strip():
         raise SageKVError("the prompt is empty")
-    if max_tokens < 0:
-        raise SageKVError(f"--max-tokens must be >= 0, got {max_tokens}")
-    chosen = make_policy(policy, budget)
-    model = load(model_path, backend=backend, device=device, dtype=dtype)
+    chosen, model = policy_and_model(policy, budget, max_tokens, model_path, backend, device, dtype)
     if as_json:
         result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat)
         click.echo(json.dumps(json_record(result, model, policy, budget)))
@@ -65,6 +62,13 @@ def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, de
         f"prefill {s.prefill_s:.2f}s select {s.select_s:.3f}s decode {s.decode_tokens_per_s:.1f} tok/s]",
         err=True,
     )
+
+
+def policy_and_model(policy: str, budget, max_tokens: int, model_path, backend, device, dtype) -> tuple:
+    """The policy and the loaded model, once the cheap checks have passed (loading takes seconds)."""
+    if max_tokens < 0:
+        raise SageKVError(f"--max-tokens must be >= 0, got {max_tokens}")
+    return make_policy(policy, budget), load(model_path, backend=backend, device=device, dtype=dtype)
 
 
 def json_record(result, model, policy: str, budget) -> dict:
@@ -163,10 +167,7 @@ def rag(doc_files, question, method, store_dir, backend, model_path, policy, bud
         raise SageKVError("give --question TEXT")
     if not question.strip():
         raise SageKVError("the question is empty")
-    if max_tokens < 0:
-        raise SageKVError(f"--max-tokens must be >= 0, got {max_tokens}")
-    chosen = make_policy(policy, budget)
-    model = load(model_path, backend=backend, device=device, dtype=dtype)
+    chosen, model = policy_and_model(policy, budget, max_tokens, model_path, backend, device, dtype)
     pieces_ids, question_ids = prompt_ids(model, documents, question, max_tokens)  # before the store is touched
     store = None if store_dir is None else DocumentStore(store_dir, model.store_id)
     stream = None if as_json else TextStream(model)
