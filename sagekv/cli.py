@@ -191,13 +191,18 @@ def rag(doc_files, question, method, store_dir, backend, model_path, policy, bud
     )
 
 
+DEFAULT_POLICIES = f"full,sagekv,{DEFAULT_POLICY},streaming,snapkv,quest"
+
+
 @cli.command("eval")
 @click.option("--backend", type=click.Choice(["mlx", "torch"]), default=None, help="Default: mlx on Apple silicon, else torch.")
 @click.option("--model", "model_path", default=None, help="Local checkpoint directory or Hugging Face id.")
 @click.option("--tasks", "task_list", default="single_needle,multi_key", show_default=True,
               help="Comma-separated task names, or longbench:FILE.jsonl.")
 @click.option("--lengths", default="2048,4096,8192", show_default=True, help="Prompt lengths in tokens (synthetic tasks).")
-@click.option("--policies", default=f"full,sagekv,{DEFAULT_POLICY},streaming,snapkv,quest", show_default=True, help=f"From: {', '.join(NAMED)}.")
+@click.option("--policies", default=None, help=f"From: {', '.join(NAMED)}. Default: {DEFAULT_POLICIES}; none with --methods.")
+@click.option("--methods", default=None, help=f"RAG methods over stored documents, from: {', '.join(METHODS)} "
+              "(tasks with documents only).")
 @click.option("--budgets", default="64,128,256,512,1024,2048", show_default=True, help="KV entries per KV head.")
 @click.option("--samples", type=int, default=20, show_default=True, help="Samples per task and length.")
 @click.option("--seed", type=int, default=0, show_default=True, help="First evaluation seed.")
@@ -205,9 +210,9 @@ def rag(doc_files, question, method, store_dir, backend, model_path, policy, bud
 @click.option("--device", default=None)
 @click.option("--dtype", type=click.Choice(DTYPES), default=None)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_command(backend, model_path, task_list, lengths, policies, budgets, samples, seed, out, device, dtype, quiet):
-    """Accuracy against KV budget for several policies, tasks and lengths."""
-    from .evaluate import cells, check_tasks, evaluate, parse_list
+def eval_command(backend, model_path, task_list, lengths, policies, methods, budgets, samples, seed, out, device, dtype, quiet):
+    """Accuracy against KV budget for several policies, tasks and lengths; and RAG methods over stored documents."""
+    from .evaluate import POLICY_PLOT, RAG_PLOT, cells, check_tasks, evaluate, parse_list, rag_cells, split_cells
     from .tasks import EVAL_SEEDS
 
     if samples < 1:
@@ -216,13 +221,21 @@ def eval_command(backend, model_path, task_list, lengths, policies, budgets, sam
         raise SageKVError(f"evaluation seeds must lie in {EVAL_SEEDS.start}..{EVAL_SEEDS.stop - 1}")
     task_specs = parse_list(task_list, str, "tasks")
     length_list = parse_list(lengths, int, "lengths")
-    policy_names = parse_list(policies, str, "policies")
+    if policies is None:
+        policies = "" if methods else DEFAULT_POLICIES
+    policy_names = parse_list(policies, str, "policies") if policies.strip() else []  # --policies "": RAG methods only
+    method_names = parse_list(methods, str, "methods") if methods is not None else []
+    if not policy_names and not method_names:
+        raise SageKVError("nothing to evaluate: --policies is empty and no --methods given")
     budget_list = parse_list(budgets, int, "budgets")
-    check_tasks(task_specs, length_list)
+    check_tasks(task_specs, length_list, method_names)
     cells(policy_names, budget_list)  # every policy valid at every budget, before loading
+    rag_cells(method_names)
     model = load(model_path, backend=backend, device=device, dtype=dtype)
-    metrics = evaluate(model, task_specs, length_list, policy_names, budget_list, samples, seed, out, progress=not quiet)
-    click.echo(f"{len(metrics)} cells written to {out}/ (metrics.json, predictions.jsonl, summary.md, accuracy_vs_budget.png)")
+    metrics = evaluate(model, task_specs, length_list, policy_names, budget_list, samples, seed, out, progress=not quiet,
+                       methods=method_names)
+    plots = [name for name, cells_of_kind in zip((POLICY_PLOT, RAG_PLOT), split_cells(metrics)) if cells_of_kind]
+    click.echo(f"{len(metrics)} cells written to {out}/ (metrics.json, predictions.jsonl, summary.md, {', '.join(plots)})")
 
 
 def main(argv=None) -> int:
