@@ -167,14 +167,19 @@ def test_longbench_passages_make_up_the_prompt():
 
 
 @pytest.fixture(scope="module")
-def rag_model(tmp_path_factory):
+def rag_checkpoint(tmp_path_factory):
     """Four layers: CacheBlend's check layer (1) must come before the last."""
-    pytest.importorskip("torch")
-    import sagekv
+    pytest.importorskip("transformers")
     from sagekv.checkpoints import make_tiny_checkpoint
 
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp("rag") / "llama", "llama", seed=3, num_hidden_layers=4)
-    return sagekv.load(path, backend="torch", device="cpu", dtype="float32")
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("rag") / "llama", "llama", seed=3, num_hidden_layers=4)
+
+
+@pytest.fixture(scope="module")
+def rag_model(rag_checkpoint):
+    import sagekv
+
+    return sagekv.load(rag_checkpoint, backend="torch", device="cpu", dtype="float32")
 
 
 def read_records(out):
@@ -354,3 +359,30 @@ def test_early_stop_matches_full_generation(tiny_models, tmp_path):
         full = model.generate_ids(model.encode(sample.prompt), policy, len(model.encode(sample.answer)) + 4)
         assert record["score"] == tasks.score(sample, full.text)
         assert full.text.startswith(record["prediction"])
+
+
+def test_results_page_rag_section(rag_checkpoint, tmp_path):
+    """The RAG grid alone, then beside a (tiny) policy grid in the same directory."""
+    from sagekv.rag import METHODS
+
+    out = tmp_path / "results"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}  # this checkout's sagekv
+
+    def page(*extra):
+        args = [sys.executable, os.path.join(root, "scripts", "make_results_page.py"), "--model", rag_checkpoint, "--backend", "torch", "--samples", "1", "--rag-lengths", "1024",
+                "--out", str(out), *extra]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr
+        return (out / "README.md").read_text()
+
+    alone = page("--rag-only")
+    assert "## RAG over stored documents" in alone and "![score against TTFT](rag_score_vs_ttft.png)" in alone
+    assert all(f"| {task} | 1024 tokens | {method} | " in alone for task in tasks.DOCUMENT_TASKS for method in METHODS)
+    assert "--rag-only" in alone and "--rag-lengths 1024" in alone and "accuracy_vs_budget" not in alone
+    assert "| 1024 tokens | full_recompute | " in alone and " | 100 | " in alone  # TTFT as % of full recompute's
+    assert os.path.getsize(out / "rag_score_vs_ttft.png") > 10_000
+    both = page("--rag", "--tasks", "single_needle", "--lengths", "512", "--budgets", "64")
+    assert "![accuracy against budget](accuracy_vs_budget.png)" in both and "| sagekv | 64 |" in both
+    assert both.index("## single_needle") < both.index("## RAG over stored documents")
+    assert both.split("## RAG over stored documents")[1] == alone.split("## RAG over stored documents")[1]  # resumed, not re-run
