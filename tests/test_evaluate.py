@@ -363,16 +363,14 @@ def test_early_stop_matches_full_generation(tiny_models, tmp_path):
 
 def test_results_page_rag_section(rag_checkpoint, tmp_path):
     """The RAG grid alone, then beside a (tiny) policy grid in the same directory."""
+    from conftest import run_script
     from sagekv.rag import METHODS
 
     out = tmp_path / "results"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}  # this checkout's sagekv
 
     def page(*extra):
-        args = [sys.executable, os.path.join(root, "scripts", "make_results_page.py"), "--model", rag_checkpoint, "--backend", "torch", "--samples", "1", "--rag-lengths", "1024",
-                "--out", str(out), *extra]
-        done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+        done = run_script("make_results_page.py", "--model", rag_checkpoint, "--backend", "torch", "--samples", "1",
+                          "--rag-lengths", "1024", "--out", str(out), *extra)
         assert done.returncode == 0, done.stderr
         return (out / "README.md").read_text()
 
