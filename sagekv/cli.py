@@ -11,6 +11,8 @@ import click
 from .errors import SageKVError
 from .generate import DTYPES, load
 from .policies import DEFAULT_POLICY, NAMED, make_policy
+from .rag import METHODS, make_method, prompt_ids, rag_ids
+from .store import DocumentStore
 
 
 @click.group()
@@ -40,41 +42,33 @@ def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, de
     if prompt is not None and prompt_file is not None:
         raise SageKVError("give either --prompt or --prompt-file, not both")
     if prompt_file is not None:
-        try:
-            with open(prompt_file, encoding="utf-8") as f:
-                prompt = f.read()
-        except (OSError, UnicodeDecodeError) as error:
-            raise SageKVError(f"cannot read prompt file {prompt_file}: {error.strerror if isinstance(error, OSError) else error}") from None
+        prompt = read_text(prompt_file, "prompt file")
     if prompt is None:
         return run_example(backend, model_path, policy, budget, device, dtype, as_json)
     if not prompt.strip():
         raise SageKVError("the prompt is empty")
-    if max_tokens < 0:
-        raise SageKVError(f"--max-tokens must be >= 0, got {max_tokens}")
-    chosen = make_policy(policy, budget)
-    model = load(model_path, backend=backend, device=device, dtype=dtype)
+    chosen, model = policy_and_model(policy, budget, max_tokens, model_path, backend, device, dtype)
     if as_json:
         result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat)
         click.echo(json.dumps(json_record(result, model, policy, budget)))
         return
-    shown = ""
-
-    def show(tokens):  # print the text as it grows, holding back a character cut mid-sequence
-        nonlocal shown
-        text = model.decode_text(tokens)
-        if not text.endswith("\ufffd") and text.startswith(shown):
-            click.echo(text[len(shown):], nl=False)
-            shown = text
-
-    result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat, on_token=show)
-    click.echo(result.text[len(shown):] if result.text.startswith(shown) else "\n" + result.text)
+    stream = TextStream(model)
+    result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat, on_token=stream)
+    stream.finish(result.text)
     s = result.stats
     click.echo(
-        f"[{model.backend} | {policy}{'' if policy == 'full' else f' budget {budget}'} | "
+        f"[{model.backend} | {policy_label(policy, budget)} | "
         f"prompt {result.prompt_tokens} tokens | KV {s.full_kv_bytes / 2**20:.2f} MiB -> {s.kept_kv_bytes / 2**20:.2f} MiB | "
         f"prefill {s.prefill_s:.2f}s select {s.select_s:.3f}s decode {s.decode_tokens_per_s:.1f} tok/s]",
         err=True,
     )
+
+
+def policy_and_model(policy: str, budget, max_tokens: int, model_path, backend, device, dtype) -> tuple:
+    """The policy and the loaded model, once the cheap checks have passed (loading takes seconds)."""
+    if max_tokens < 0:
+        raise SageKVError(f"--max-tokens must be >= 0, got {max_tokens}")
+    return make_policy(policy, budget), load(model_path, backend=backend, device=device, dtype=dtype)
 
 
 def json_record(result, model, policy: str, budget) -> dict:
@@ -83,17 +77,50 @@ def json_record(result, model, policy: str, budget) -> dict:
         "text": result.text,
         "tokens": result.tokens,
         "prompt_tokens": result.prompt_tokens,
-        "policy": {"name": policy, **({} if policy == "full" else {"budget": budget})},
+        "policy": policy_record(policy, budget),
         "backend": model.backend,
         "model": model.name,
         "kv": {"full_bytes": s.full_kv_bytes, "kept_bytes": s.kept_kv_bytes},
-        "timing": {  # milliseconds and tenths of a token per second: finer digits are noise
-            "prefill_s": round(s.prefill_s, 3),
-            "select_s": round(s.select_s, 3),
-            "decode_s": round(s.decode_s, 3),
-            "decode_tokens_per_s": round(s.decode_tokens_per_s, 1),
-        },
+        "timing": rounded_timing(s.decode_tokens_per_s, prefill_s=s.prefill_s, select_s=s.select_s, decode_s=s.decode_s),
     }
+
+
+def policy_record(policy: str, budget) -> dict:
+    return {"name": policy, **({} if policy == "full" else {"budget": budget})}
+
+
+def policy_label(policy: str, budget) -> str:
+    return policy if policy == "full" else f"{policy} budget {budget}"
+
+
+def rounded_timing(decode_tokens_per_s: float, **seconds) -> dict:
+    """Milliseconds and tenths of a token per second: finer digits are noise."""
+    return {**{name: round(value, 3) for name, value in seconds.items()}, "decode_tokens_per_s": round(decode_tokens_per_s, 1)}
+
+
+class TextStream:
+    """An ``on_token`` that prints the text as it grows, holding back a character cut mid-sequence."""
+
+    def __init__(self, model):
+        self.model, self.shown = model, ""
+
+    def __call__(self, tokens) -> None:
+        text = self.model.decode_text(tokens)
+        if not text.endswith("\ufffd") and text.startswith(self.shown):
+            click.echo(text[len(self.shown):], nl=False)
+            self.shown = text
+
+    def finish(self, text: str) -> None:
+        """The rest of the final text and a newline (all of it again if decoding changed what was shown)."""
+        click.echo(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text)
+
+
+def read_text(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SageKVError(f"cannot read {what} {path}: {error.strerror if isinstance(error, OSError) else error}") from None
 
 
 def run_example(backend, model_path, policy, budget, device, dtype, as_json):
@@ -113,13 +140,69 @@ def run_example(backend, model_path, policy, budget, device, dtype, as_json):
     click.echo(demo.report(example, label, model.runner.num_layers))
 
 
+@cli.command()
+@click.option("--doc", "doc_files", multiple=True, help="A document file; repeat for each document, in prompt order.")
+@click.option("--question", default=None, help="The question, placed after the documents.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="samkv", show_default=True)
+@click.option("--store", "store_dir", default=None,
+              help="Directory of stored document caches (created if missing, reused). Default: prefill in memory.")
+@click.option("--backend", type=click.Choice(["mlx", "torch"]), default=None, help="Default: mlx on Apple silicon, else torch.")
+@click.option("--model", "model_path", default=None, help="Local checkpoint directory or Hugging Face id.")
+@click.option("--policy", type=click.Choice(list(NAMED)), default="full", show_default=True,
+              help="Eviction policy applied to the method's cache before decoding.")
+@click.option("--budget", type=int, default=None, help="KV entries kept per KV head (every policy but full).")
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--device", default=None, help="torch device (cpu, cuda, cuda:1) or mlx device (cpu, gpu).")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Default: the checkpoint's.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def rag(doc_files, question, method, store_dir, backend, model_path, policy, budget, max_tokens, device, dtype, as_json):
+    """Answer a question over documents, each prefilled alone and stored (SamKV and its baselines)."""
+    if not doc_files:
+        raise SageKVError("give at least one --doc FILE")
+    documents = [read_text(path, "document file") for path in doc_files]
+    empty = next((path for path, text in zip(doc_files, documents) if not text.strip()), None)
+    if empty is not None:
+        raise SageKVError(f"document file {empty} is empty")
+    if question is None:
+        raise SageKVError("give --question TEXT")
+    if not question.strip():
+        raise SageKVError("the question is empty")
+    chosen, model = policy_and_model(policy, budget, max_tokens, model_path, backend, device, dtype)
+    pieces_ids, question_ids = prompt_ids(model, documents, question, max_tokens)  # before the store is touched
+    store = None if store_dir is None else DocumentStore(store_dir, model.store_id)
+    stream = None if as_json else TextStream(model)
+    result = rag_ids(model, pieces_ids, question_ids, make_method(method), store, max_tokens, chosen, on_token=stream)
+    r = result.rag
+    if as_json:
+        click.echo(json.dumps({
+            "text": result.text, "tokens": result.tokens, "method": r.method, "kept_tokens": r.kept_tokens,
+            "total_tokens": r.total_tokens, "kv_bytes": r.kv_bytes, "policy": policy_record(policy, budget),
+            "backend": model.backend, "model": model.name,
+            **rounded_timing(result.stats.decode_tokens_per_s, ttft_s=r.ttft_s, store_s=r.store_s, decode_s=result.stats.decode_s),
+        }))
+        return
+    stream.finish(result.text)
+    click.echo(
+        f"[{model.backend} | {r.method}{'' if policy == 'full' else f' + {policy_label(policy, budget)}'} | "
+        f"kept {r.kept_tokens} of {r.total_tokens} document tokens ({100 * r.kept_tokens / r.total_tokens:.1f}%) | "
+        f"KV {r.kv_bytes / 2**20:.2f} MiB | TTFT {r.ttft_s:.3f} s | stored docs {r.store_s:.2f} s | "
+        f"decode {result.stats.decode_tokens_per_s:.1f} tok/s]",
+        err=True,
+    )
+
+
+DEFAULT_POLICIES = f"full,sagekv,{DEFAULT_POLICY},streaming,snapkv,quest"
+
+
 @cli.command("eval")
 @click.option("--backend", type=click.Choice(["mlx", "torch"]), default=None, help="Default: mlx on Apple silicon, else torch.")
 @click.option("--model", "model_path", default=None, help="Local checkpoint directory or Hugging Face id.")
 @click.option("--tasks", "task_list", default="single_needle,multi_key", show_default=True,
               help="Comma-separated task names, or longbench:FILE.jsonl.")
 @click.option("--lengths", default="2048,4096,8192", show_default=True, help="Prompt lengths in tokens (synthetic tasks).")
-@click.option("--policies", default=f"full,sagekv,{DEFAULT_POLICY},streaming,snapkv,quest", show_default=True, help=f"From: {', '.join(NAMED)}.")
+@click.option("--policies", default=None, help=f"From: {', '.join(NAMED)}. Default: {DEFAULT_POLICIES}; none with --methods.")
+@click.option("--methods", default=None, help=f"RAG methods over stored documents, from: {', '.join(METHODS)} "
+              "(tasks with documents only).")
 @click.option("--budgets", default="64,128,256,512,1024,2048", show_default=True, help="KV entries per KV head.")
 @click.option("--samples", type=int, default=20, show_default=True, help="Samples per task and length.")
 @click.option("--seed", type=int, default=0, show_default=True, help="First evaluation seed.")
@@ -127,9 +210,9 @@ def run_example(backend, model_path, policy, budget, device, dtype, as_json):
 @click.option("--device", default=None)
 @click.option("--dtype", type=click.Choice(DTYPES), default=None)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_command(backend, model_path, task_list, lengths, policies, budgets, samples, seed, out, device, dtype, quiet):
-    """Accuracy against KV budget for several policies, tasks and lengths."""
-    from .evaluate import cells, check_tasks, evaluate, parse_list
+def eval_command(backend, model_path, task_list, lengths, policies, methods, budgets, samples, seed, out, device, dtype, quiet):
+    """Accuracy against KV budget for several policies, tasks and lengths; and RAG methods over stored documents."""
+    from .evaluate import POLICY_PLOT, RAG_PLOT, cells, check_tasks, evaluate, parse_list, rag_cells, split_cells
     from .tasks import EVAL_SEEDS
 
     if samples < 1:
@@ -138,13 +221,21 @@ def eval_command(backend, model_path, task_list, lengths, policies, budgets, sam
         raise SageKVError(f"evaluation seeds must lie in {EVAL_SEEDS.start}..{EVAL_SEEDS.stop - 1}")
     task_specs = parse_list(task_list, str, "tasks")
     length_list = parse_list(lengths, int, "lengths")
-    policy_names = parse_list(policies, str, "policies")
+    if policies is None:
+        policies = "" if methods else DEFAULT_POLICIES
+    policy_names = parse_list(policies, str, "policies") if policies.strip() else []  # --policies "": RAG methods only
+    method_names = parse_list(methods, str, "methods") if methods is not None else []
+    if not policy_names and not method_names:
+        raise SageKVError("nothing to evaluate: --policies is empty and no --methods given")
     budget_list = parse_list(budgets, int, "budgets")
-    check_tasks(task_specs, length_list)
+    check_tasks(task_specs, length_list, method_names)
     cells(policy_names, budget_list)  # every policy valid at every budget, before loading
+    rag_cells(method_names)
     model = load(model_path, backend=backend, device=device, dtype=dtype)
-    metrics = evaluate(model, task_specs, length_list, policy_names, budget_list, samples, seed, out, progress=not quiet)
-    click.echo(f"{len(metrics)} cells written to {out}/ (metrics.json, predictions.jsonl, summary.md, accuracy_vs_budget.png)")
+    metrics = evaluate(model, task_specs, length_list, policy_names, budget_list, samples, seed, out, progress=not quiet,
+                       methods=method_names)
+    plots = [name for name, cells_of_kind in zip((POLICY_PLOT, RAG_PLOT), split_cells(metrics)) if cells_of_kind]
+    click.echo(f"{len(metrics)} cells written to {out}/ (metrics.json, predictions.jsonl, summary.md, {', '.join(plots)})")
 
 
 def main(argv=None) -> int:

@@ -1,16 +1,21 @@
-"""Accuracy against KV budget: every (task, length, policy, budget) cell on one model.
+"""Accuracy against KV budget: every (task, length, policy, budget) cell on one model; and RAG
+methods over stored documents: every (task, length, method) cell on the tasks that have documents.
 
-Each sample is prefilled once and decoded under every policy from a copy of that cache; for
-single answers decoding stops as soon as the score is decided (the prediction is then cut there).
-Results go to a directory: ``predictions.jsonl`` (one line per sample and cell, appended as
-they finish, so a re-run skips what is done), ``metrics.json``, ``summary.md`` and
-``accuracy_vs_budget.png``.
+Each sample is prefilled once and decoded under every policy from a copy of that cache. A RAG
+method answers the sample's question over its documents, each document prefilled alone once per
+sample and shared by the methods (:mod:`sagekv.rag`). For single answers decoding stops as soon as
+the score is decided (the prediction is then cut there). Results go to a directory:
+``predictions.jsonl`` (one line per sample and cell, appended as they finish, so a re-run skips
+what is done), ``metrics.json``, ``summary.md``, ``accuracy_vs_budget.png`` (policies) and
+``rag_score_vs_ttft.png`` (RAG methods).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
@@ -19,9 +24,14 @@ from typing import Callable, Optional
 from . import longbench, tasks
 from .errors import SageKVError
 from .policies import make_policy
+from .rag import METHODS, make_method
+from .store import MemoryStore
 
 AS_GIVEN = 0  # the "length" of LongBench samples: one cell per dataset, whatever each prompt's length
 STAT_FIELDS = ("prefill_s", "select_s", "decode_s", "decode_tokens_per_s", "full_kv_bytes", "kept_kv_bytes")
+KEY_FIELDS = ("task", "length", "seed", "policy", "budget", "method")  # a record's cell and sample
+CELL_FIELDS = tuple(field for field in KEY_FIELDS if field != "seed")
+POLICY_PLOT, RAG_PLOT = "accuracy_vs_budget.png", "rag_score_vs_ttft.png"
 
 
 @dataclass
@@ -35,6 +45,9 @@ class Case:
     score: Callable[[str], float]
     decided: Optional[Callable[[str], bool]] = None
     """For single answers: whether the text so far already fixes the score (decoding may stop)."""
+    documents: tuple = ()
+    question: str = ""
+    """With documents: ``prompt == "".join(documents) + question``."""
 
 
 def synthetic_cases(task: str, length: int, samples: int, seed: int, encode) -> list:
@@ -44,7 +57,7 @@ def synthetic_cases(task: str, length: int, samples: int, seed: int, encode) -> 
         budget = len(encode(sample.answer)) + 4
         decided = partial(answer_decided, sample.answer) if len(sample.answers) == 1 else None
         cases.append(Case(task, length, s, sample.prompt, sample.answer, budget,
-                          lambda text, x=sample: tasks.score(x, text), decided))
+                          lambda text, x=sample: tasks.score(x, text), decided, sample.documents, sample.question))
     return cases
 
 
@@ -54,35 +67,75 @@ def answer_decided(answer: str, text: str) -> bool:
     return len(text) > len(answer) or not answer.startswith(text)
 
 
-def longbench_cases(path: str, samples: int) -> list:
+def longbench_cases(path: str, samples: int, documents: bool = False) -> list:
+    """``documents``: cut each prompt into its passages (RAG methods; refused for other datasets)."""
     cases = []
     for index, record in enumerate(longbench.read(path, limit=samples)):
         dataset = record["dataset"]
         prompt = longbench.prompt_for(dataset, record["context"], record["input"])
         score = lambda text, r=record: longbench.score(r["dataset"], text, r["answers"], r.get("all_classes"))  # noqa: E731
         answer = record["answers"][0] if record["answers"] else ""
-        cases.append(Case(dataset, AS_GIVEN, index, prompt, answer, longbench.DATASETS[dataset][1], score))
+        try:
+            parts = longbench.passages(dataset, record["context"], record["input"]) if documents else ((), "")
+        except SageKVError as error:
+            raise SageKVError(f"{path}: {error}") from None
+        cases.append(Case(dataset, AS_GIVEN, index, prompt, answer, longbench.DATASETS[dataset][1], score, None, *parts))
     return cases
 
 
+@dataclass(frozen=True)
+class PolicyCell:
+    """One policy at one budget (full attention: no budget)."""
+
+    name: str
+    budget: Optional[int]
+    policy: object
+
+    @property
+    def key(self) -> dict:
+        return {"policy": self.name, "budget": self.budget}
+
+
+@dataclass(frozen=True)
+class RagCell:
+    """One RAG method over the sample's documents."""
+
+    method: str
+
+    @property
+    def key(self) -> dict:
+        return {"method": self.method}
+
+
 def cells(policies: list, budgets: list) -> list:
-    """(name, budget, policy) for every cell; full attention once, with no budget."""
+    """A PolicyCell for every policy and budget; full attention once, with no budget."""
     out = []
     for name in policies:
         for budget in [None] if name == "full" else budgets:
-            out.append((name, budget, make_policy(name, budget)))
+            out.append(PolicyCell(name, budget, make_policy(name, budget)))
     return out
 
 
+def rag_cells(methods: list) -> list:
+    for name in methods:
+        make_method(name)  # an unknown name is refused here
+    return [RagCell(name) for name in methods]
+
+
 def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: list, samples: int, seed: int, out: str,
-             progress: bool = True) -> list:
-    """Run the grid, append to ``out/predictions.jsonl``, write the summaries; returns metrics."""
-    grid = cells(policies, budgets)
-    check_tasks(task_specs, lengths)
+             progress: bool = True, methods: list = ()) -> list:
+    """Run the grid, append to ``out/predictions.jsonl``, write the summaries; returns metrics.
+
+    ``methods``: RAG methods (:data:`sagekv.rag.METHODS`) run on every sample too; every task must
+    have documents."""
+    grid = cells(policies, budgets) + rag_cells(methods)
+    if not grid:
+        raise SageKVError("nothing to evaluate: no policies and no RAG methods")
+    check_tasks(task_specs, lengths, methods)
     cases = []
     for spec in task_specs:
         if spec.startswith("longbench:"):
-            cases += longbench_cases(spec.split(":", 1)[1], samples)
+            cases += longbench_cases(spec.split(":", 1)[1], samples, documents=bool(methods))
         else:
             for length in lengths:
                 cases += synthetic_cases(spec, length, samples, seed, model.encode)
@@ -94,21 +147,18 @@ def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: li
     check_answers(path, records, cases)
     done = {record_key(r) for r in records}
     todo = [(case, [cell for cell in grid if record_key(key_of(case, cell)) not in done]) for case in cases]
-    window = max(policy.observed_queries for _, _, policy in grid)
+    window = max((cell.policy.observed_queries for cell in grid if isinstance(cell, PolicyCell)), default=1)
     bar = progress_bar(sum(len(pending) for _, pending in todo), progress)
     with open(path, "a", encoding="utf-8") as f:
         if f.tell() and not ends_with_newline(path):
             f.write("\n")  # a run interrupted mid-line: keep new records on lines of their own
         for case, pending in todo:
-            if not pending:
-                continue
-            prefilled = model.prefill(model.encode(case.prompt), window)
-            for name, budget, policy in pending:
-                stop = None if case.decided is None else (lambda ids, c=case: c.decided(model.decode_text(ids)))
-                result = model.decode(prefilled, policy, case.max_tokens, on_token=stop)
-                record = {**key_of(case, (name, budget, policy)), "prediction": result.text, "answer": case.answer,
-                          "score": case.score(result.text), "prompt_tokens": result.prompt_tokens,
-                          **{field: getattr(result.stats, field) for field in STAT_FIELDS}}
+            answers = itertools.chain(
+                policy_answers(model, case, [cell for cell in pending if isinstance(cell, PolicyCell)], window),
+                rag_answers(model, case, [cell for cell in pending if isinstance(cell, RagCell)]))
+            for cell, result, measured in answers:
+                record = {**key_of(case, cell), "prediction": result.text, "answer": case.answer,
+                          "score": case.score(result.text), **measured}
                 f.write(json.dumps(record) + "\n")
                 f.flush()
                 bar.update(1)
@@ -118,24 +168,54 @@ def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: li
     return metrics
 
 
-def check_tasks(task_specs: list, lengths: list) -> None:
+def policy_answers(model, case: Case, pending: list, window: int):
+    """(cell, result, measurements) for each policy cell, all decoded from one prefill of the prompt."""
+    if not pending:
+        return
+    prefilled = model.prefill(model.encode(case.prompt), window)
+    for cell in pending:
+        result = model.decode(prefilled, cell.policy, case.max_tokens, on_token=stop_when_decided(model, case))
+        yield cell, result, {"prompt_tokens": result.prompt_tokens, **{field: getattr(result.stats, field) for field in STAT_FIELDS}}
+
+
+def rag_answers(model, case: Case, pending: list):
+    """(cell, result, measurements) for each RAG cell; the sample's documents are prefilled once, for all of them."""
+    store = MemoryStore(model.store_id)
+    for cell in pending:
+        result = model.rag(case.documents, case.question, cell.method, store, case.max_tokens,
+                           on_token=stop_when_decided(model, case))
+        stats = result.rag
+        yield cell, result, {"kept_tokens": stats.kept_tokens, "total_tokens": stats.total_tokens,
+                             "kept_fraction": stats.kept_tokens / stats.total_tokens, "ttft_s": stats.ttft_s,
+                             "store_s": stats.store_s, "kv_bytes": stats.kv_bytes,
+                             "decode_tokens_per_s": result.stats.decode_tokens_per_s}
+
+
+def stop_when_decided(model, case: Case):
+    return None if case.decided is None else (lambda ids: case.decided(model.decode_text(ids)))
+
+
+def check_tasks(task_specs: list, lengths: list, methods: list = ()) -> None:
     for spec in task_specs:
         if spec.startswith("longbench:"):
             continue
         if spec not in tasks.TASKS:
             raise SageKVError(f"unknown task {spec!r} (choose from: {', '.join(tasks.TASKS)}, or longbench:FILE.jsonl)")
+        if methods and spec not in tasks.DOCUMENT_TASKS:
+            raise SageKVError(f"{spec} has no documents for the RAG methods (--methods): use {', '.join(tasks.DOCUMENT_TASKS)} "
+                              f"or LongBench {', '.join(longbench.PASSAGE_DATASETS)}")
         too_short = [n for n in lengths if n < tasks.MIN_LENGTH[spec]]
         if too_short:
             raise SageKVError(f"length {too_short[0]} is below {spec}'s minimum of {tasks.MIN_LENGTH[spec]} tokens")
 
 
 def key_of(case: Case, cell) -> dict:
-    name, budget, _ = cell
-    return {"task": case.task, "length": case.length, "seed": case.seed, "policy": name, "budget": budget}
+    return {"task": case.task, "length": case.length, "seed": case.seed, **cell.key}
 
 
 def record_key(record: dict) -> tuple:
-    return tuple(record[k] for k in ("task", "length", "seed", "policy", "budget"))
+    """The fields a record lacks (a policy record's method, a RAG record's policy and budget) count as None."""
+    return tuple(record.get(k) for k in KEY_FIELDS)
 
 
 def ends_with_newline(path: str) -> bool:
@@ -169,8 +249,7 @@ def check_run(out: str, model) -> None:
             raise SageKVError(f"{out} holds results of {'other weights of ' if same_name else ''}{previous.get('model')} "
                               f"on {previous.get('backend')}; use another --out")
     else:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(identity, f)
+        write_file(path, json.dumps(identity))
 
 
 def check_answers(path: str, records: list, cases: list) -> None:
@@ -182,25 +261,62 @@ def check_answers(path: str, records: list, cases: list) -> None:
                               f"another answer: the tasks or the data changed); use another --out")
 
 
+def mean(values: list) -> float:
+    return sum(values) / len(values)
+
+
+POLICY_STATS = {field: mean for field in STAT_FIELDS}
+RAG_STATS = {"kept_fraction": mean, "ttft_s": statistics.median, "kv_bytes": mean, "decode_tokens_per_s": mean}
+
+
 def summarize(records: list) -> list:
+    """One cell per (task, length, policy, budget) or (task, length, method): n, accuracy and its stats."""
     groups = defaultdict(list)
     for r in records:
-        groups[(r["task"], r["length"], r["policy"], r["budget"])].append(r)
+        groups[tuple(r.get(k) for k in CELL_FIELDS)].append(r)
     metrics = []
-    for (task, length, policy, budget), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3] or 0)):
-        cell = {"task": task, "length": length, "policy": policy, "budget": budget, "n": len(rs),
-                "accuracy": sum(r["score"] for r in rs) / len(rs)}
-        cell.update({field: sum(r[field] for r in rs) / len(rs) for field in STAT_FIELDS})
+    for rs in groups.values():
+        cell = {k: rs[0][k] for k in CELL_FIELDS if k in rs[0]}
+        cell.update(n=len(rs), accuracy=mean([r["score"] for r in rs]))
+        stats = RAG_STATS if "method" in cell else POLICY_STATS
+        cell.update({field: stat([r[field] for r in rs]) for field, stat in stats.items()})
         metrics.append(cell)
-    return metrics
+    return sorted(metrics, key=cell_order)
+
+
+def cell_order(cell: dict) -> tuple:
+    """Policy cells by task, length, policy and budget; then RAG cells by task, length and method in METHODS' order."""
+    if "method" in cell:
+        return 1, cell["task"], cell["length"], list(METHODS).index(cell["method"])
+    return 0, cell["task"], cell["length"], cell["policy"], cell["budget"] or 0
+
+
+def split_cells(metrics: list) -> tuple:
+    """(policy cells, RAG cells)."""
+    return [m for m in metrics if "method" not in m], [m for m in metrics if "method" in m]
 
 
 def write_reports(out: str, metrics: list, model) -> None:
-    with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=1)
-    with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(summary_markdown(metrics, f"{model.name} ({model.backend})"))
-    plot(metrics, os.path.join(out, "accuracy_vs_budget.png"))
+    policy_metrics, rag_metrics = split_cells(metrics)
+    title = f"{model.name} ({model.backend})"
+    sections = []
+    if policy_metrics:
+        sections.append(summary_markdown(policy_metrics, title))
+        plot(policy_metrics, os.path.join(out, POLICY_PLOT))
+    if rag_metrics:
+        sections.append(rag_markdown(rag_metrics, "## RAG over stored documents" if policy_metrics else
+                                     f"# RAG over stored documents: {title}"))
+        plot_rag(rag_metrics, os.path.join(out, RAG_PLOT))
+    write_file(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1))
+    write_file(os.path.join(out, "summary.md"), "\n".join(sections))
+
+
+def write_file(path: str, text: str) -> None:
+    """A temporary file replaced in one step: a reader never sees half a report."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temporary, path)
 
 
 def summary_markdown(metrics: list, title: str) -> str:
@@ -229,17 +345,53 @@ def summary_markdown(metrics: list, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rag_markdown(metrics: list, heading: str) -> str:
+    """The RAG cells as one table under ``heading``."""
+    percent = ttft_percent(metrics)
+    lines = [heading, "",
+             "Each document prefilled alone and stored. Kept: document tokens in the cache the method decodes on. "
+             "TTFT: time to first token from the question's arrival (median; storing the documents is not counted). "
+             "KV: that cache's size (mean).", "",
+             "| task | length | method | score | n | kept % | TTFT ms | TTFT % of full recompute | KV MiB | decode tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in metrics:
+        share = percent.get((m["task"], m["length"], m["method"]))
+        lines.append(f"| {m['task']} | {length_label(m['length'])} | {m['method']} | {m['accuracy']:.3f} | {m['n']} | "
+                     f"{100 * m['kept_fraction']:.1f} | {m['ttft_s'] * 1e3:.1f} | {'-' if share is None else f'{share:.0f}'} | "
+                     f"{m['kv_bytes'] / 2**20:.2f} | {m['decode_tokens_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def ttft_percent(metrics: list) -> dict:
+    """(task, length, method) -> TTFT as % of full_recompute's at that task and length, where it was run."""
+    full = {(m["task"], m["length"]): m["ttft_s"] for m in metrics if m["method"] == "full_recompute"}
+    return {(m["task"], m["length"], m["method"]): 100 * m["ttft_s"] / full[m["task"], m["length"]]
+            for m in metrics if (m["task"], m["length"]) in full}
+
+
 def length_label(length: int) -> str:
     return "file lengths" if length == AS_GIVEN else f"{length} tokens"
 
 
-def plot(metrics: list, path: str) -> None:
-    """One panel per task and length; one line per policy; full attention as a dashed line."""
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    temporary = f"{path}.tmp"
+    fig.savefig(temporary, dpi=110, format="png")
+    os.replace(temporary, path)
+    pyplot().close(fig)
+
+
+def plot(metrics: list, path: str) -> None:
+    """One panel per task and length; one line per policy; full attention as a dashed line."""
+    plt = pyplot()
     panels = sorted({(m["task"], m["length"]) for m in metrics})
     columns = min(len(panels), 3)
     rows = -(-len(panels) // columns)
@@ -263,8 +415,37 @@ def plot(metrics: list, path: str) -> None:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def plot_rag(metrics: list, path: str) -> None:
+    """Score against TTFT, one marker per (method, task, length), its area proportional to the KV bytes
+    decoded on (as SamKV's Figure 1); TTFT as % of full recompute's where every cell has that to compare with."""
+    from matplotlib.lines import Line2D
+
+    plt = pyplot()
+    percent = ttft_percent(metrics)
+    relative = len(percent) == len(metrics)
+    colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(METHODS)}
+    shapes = dict(zip(sorted({(m["task"], m["length"]) for m in metrics}), itertools.cycle("osD^v<>ph*")))
+    largest = max(m["kv_bytes"] for m in metrics)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for m in metrics:
+        x = percent[m["task"], m["length"], m["method"]] if relative else m["ttft_s"] * 1e3
+        ax.scatter(x, m["accuracy"], s=400 * m["kv_bytes"] / largest, marker=shapes[m["task"], m["length"]],
+                   color=colors[m["method"]], alpha=0.7, edgecolors="black", linewidths=0.5)
+    handles = [Line2D([], [], linestyle="", marker="o", color=colors[name], label=name)
+               for name in METHODS if any(m["method"] == name for m in metrics)]
+    handles += [Line2D([], [], linestyle="", marker=shape, color="gray", label=f"{task} @ {length_label(length)}")
+                for (task, length), shape in shapes.items()]
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_xlabel("TTFT, % of full recompute's (median)" if relative else "TTFT ms (median)")
+    ax.set_ylabel("score")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("RAG: score against TTFT (marker area: KV bytes)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def progress_bar(total: int, enabled: bool):

@@ -165,12 +165,14 @@ class SageModel:
         if limit and tokens > limit:
             raise SageKVError(f"{tokens} tokens (prompt and generation) exceed the {limit} positions {self.name} handles")
 
-    def rag(self, documents, question: str, method=None, store=None, max_tokens: int = 64, policy=None) -> Result:
+    def rag(self, documents, question: str, method=None, store=None, max_tokens: int = 64, policy=None,
+            on_token=None) -> Result:
         """Answer ``question`` over ``documents`` (strings), each prefilled alone and stored (see
-        :mod:`sagekv.rag`); ``method``: a RAG method or its name (default SamKV)."""
+        :mod:`sagekv.rag`); ``method``: a RAG method or its name (default SamKV); ``on_token`` as in
+        :meth:`generate`."""
         from .rag import rag
 
-        return rag(self, documents, question, method, store, max_tokens, policy)
+        return rag(self, documents, question, method, store, max_tokens, policy, on_token)
 
     def decode_text(self, ids: list) -> str:
         return self.runner.tokenizer.decode(ids, skip_special_tokens=True)

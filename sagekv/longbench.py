@@ -85,6 +85,8 @@ DATASETS = {
     "lcc": ("code_sim", 64), "repobench-p": ("code_sim", 64),
 }
 FIRST_LINE_ONLY = {"trec", "triviaqa", "samsum"}  # LongBench scores only the first generated line
+PASSAGE_DATASETS = ("hotpotqa", "2wikimqa", "musique")  # contexts of "Passage N:" sections, one retrieved passage each
+PASSAGE_HEADING = re.compile(r"^(?=Passage \d+:)", re.MULTILINE)
 
 
 def prompt_for(dataset: str, context: str, question: str) -> str:
@@ -93,7 +95,22 @@ def prompt_for(dataset: str, context: str, question: str) -> str:
         return f"Complete the code below.\n{context}Next line of code:\n"
     if metric == "rouge" and not question.strip():
         return f"{context.strip()}\n\nWrite a summary of the text above.\nSummary: "
-    return f"{context.strip()}\n\nAnswer based on the text above.\nQuestion: {question.strip()}\nAnswer: "
+    return context.strip() + question_part(question)
+
+
+def question_part(question: str) -> str:
+    """What follows the context in a question-answering prompt."""
+    return f"\n\nAnswer based on the text above.\nQuestion: {question.strip()}\nAnswer: "
+
+
+def passages(dataset: str, context: str, question: str) -> tuple:
+    """The prompt of a multi-document dataset as documents, one per "Passage N:" section, and the
+    question part after them: ``"".join(documents) + question == prompt_for(dataset, context, question)``."""
+    if dataset not in PASSAGE_DATASETS:
+        raise SageKVError(f"{dataset} has no passages to store as documents (RAG methods take LongBench "
+                          f"{', '.join(PASSAGE_DATASETS)})")
+    documents = [text for text in PASSAGE_HEADING.split(context.strip()) if text]
+    return documents, question_part(question)
 
 
 def score(dataset: str, prediction: str, answers, all_classes=()) -> float:

@@ -489,14 +489,23 @@ class RagStats:
     store_s: float
 
 
-def rag(model, documents, question: str, method=None, store=None, max_tokens: int = 64, policy=None):
+def rag(model, documents, question: str, method=None, store=None, max_tokens: int = 64, policy=None, on_token=None):
     """Answer ``question`` over ``documents`` (strings); returns a Result with ``rag`` stats.
 
     ``method``: a RagMethod or its name (default SamKV); ``store``: a DocumentStore, or None to
-    prefill the documents in memory; ``policy``: a sagekv policy applied to the cache for decoding."""
+    prefill the documents in memory; ``policy``: a sagekv policy applied to the cache for decoding;
+    ``on_token``: as in :meth:`SageModel.generate` (streaming, early stop)."""
     method = SamKV() if method is None else make_method(method) if isinstance(method, str) else method
     if not isinstance(method, RagMethod):
         raise SageKVError(f"method must be a sagekv RAG method such as sagekv.SamKV(), got {method!r}")
+    pieces_ids, question_ids = prompt_ids(model, documents, question, max_tokens)
+    return rag_ids(model, pieces_ids, question_ids, method, store, max_tokens, policy, on_token)
+
+
+def prompt_ids(model, documents, question: str, max_tokens: int) -> tuple:
+    """Token ids of the stored pieces (the preamble, then each document) and of the question, once they
+    are known to fit in the model's context with ``max_tokens`` generated (a caller can check its input
+    before it opens a store)."""
     if isinstance(documents, str) or not isinstance(documents, (list, tuple)) or not documents:
         raise SageKVError("no documents given")
     if any(not isinstance(d, str) or not d.strip() for d in documents):
@@ -507,12 +516,14 @@ def rag(model, documents, question: str, method=None, store=None, max_tokens: in
         raise SageKVError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
     pieces_ids = [ids for ids in [model.preamble_ids()] + [model.encode_plain(d) for d in documents] if ids]
     question_ids = model.encode_plain(question)
-    return rag_ids(model, pieces_ids, question_ids, method, store, max_tokens, policy)
+    model.check_length(sum(len(ids) for ids in pieces_ids) + len(question_ids) + max_tokens)
+    return pieces_ids, question_ids
 
 
-def rag_ids(model, pieces_ids: list, question_ids: list, method, store=None, max_tokens: int = 64, policy=None):
+def rag_ids(model, pieces_ids: list, question_ids: list, method, store=None, max_tokens: int = 64, policy=None,
+            on_token=None):
+    """:func:`rag` on token ids from :func:`prompt_ids`."""
     total = sum(len(ids) for ids in pieces_ids)
-    model.check_length(total + len(question_ids) + max_tokens)
     store = MemoryStore(model.store_id) if store is None else store
     run = model.runner
     with run.inference():
@@ -530,6 +541,6 @@ def rag_ids(model, pieces_ids: list, question_ids: list, method, store=None, max
     from .generate import Prefilled
 
     prefilled = Prefilled(cache, logits, total + len(question_ids), run.kv_bytes(cache), ttft)
-    result = model.decode(prefilled, policy, max_tokens, keep_prefill=False)
+    result = model.decode(prefilled, policy, max_tokens, keep_prefill=False, on_token=on_token)
     result.rag = RagStats(method.name, kept, total, result.stats.kept_kv_bytes, ttft, store_s)
     return result

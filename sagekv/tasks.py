@@ -382,6 +382,7 @@ def multi_doc_qa_2hop(src: Source, length: int) -> Parts:
 # Task name -> the function that builds its Parts; call generate() rather than these directly.
 TASKS = {task.__name__: task for task in (single_needle, multi_key, multi_value, multi_query,
                                           variable_tracking, multi_doc_qa, multi_doc_qa_2hop)}
+DOCUMENT_TASKS = ("multi_doc_qa", "multi_doc_qa_2hop")  # tasks whose samples have documents and a question
 
 
 def _check_seed(seed) -> None:

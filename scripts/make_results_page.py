@@ -1,10 +1,13 @@
-"""Regenerate results/: the accuracy-against-budget grid on one model and the paper's comparisons.
+"""Regenerate results/: the accuracy-against-budget grid on one model and the paper's comparisons;
+with --rag, RAG methods over stored documents too.
 
-    python scripts/make_results_page.py --model PATH [--backend mlx --device gpu] [--samples 20] [--out results]
+    python scripts/make_results_page.py --model PATH [--backend mlx --device gpu] [--samples 20] [--out results] [--rag | --rag-only]
 
 Runs (or resumes) ``sagekv eval`` over every task at 2K/4K/8K tokens, every policy and budgets
 64..2048, then writes OUT/README.md (comparisons, per-task tables, memory and time) next to
-OUT/accuracy_vs_budget.png and the raw metrics.json / predictions.jsonl.
+OUT/accuracy_vs_budget.png and the raw metrics.json / predictions.jsonl. ``--rag`` also runs every
+RAG method on multi_doc_qa and multi_doc_qa_2hop at 4K/8K into a "RAG over stored documents" section
+(a table and OUT/rag_score_vs_ttft.png); ``--rag-only`` runs that grid alone.
 """
 
 import argparse
@@ -12,15 +15,17 @@ import os
 
 import sagekv
 from sagekv.analysis import SOLVED_SCORE, comparisons_markdown, solved_tasks
-from sagekv.evaluate import evaluate, summary_markdown
+from sagekv.evaluate import RAG_PLOT, evaluate, rag_markdown, split_cells, summary_markdown, write_file
 from sagekv.policies import NAMED
-from sagekv.tasks import TASKS
+from sagekv.rag import METHODS
+from sagekv.tasks import DOCUMENT_TASKS, TASKS
 
 LENGTHS = [2048, 4096, 8192]
 BUDGETS = [64, 128, 256, 512, 1024, 2048]
 POLICIES = ["full", "sagekv", "sagekv_pool", "sagekv_kv", "sagekv_follow", "sagekv_kv_follow", "streaming", "snapkv",
             "quest", "tova", "knorm", "random"]
 assert set(POLICIES) <= set(NAMED)
+RAG_LENGTHS = [4096, 8192]
 
 
 def main():
@@ -32,14 +37,43 @@ def main():
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    parser.add_argument("--rag", action="store_true", help="also the RAG methods over stored documents")
+    parser.add_argument("--rag-only", action="store_true", help="the RAG methods alone")
+    parser.add_argument("--rag-lengths", default=",".join(map(str, RAG_LENGTHS)))
     parser.add_argument("--out", default="results")
     args = parser.parse_args()
 
     model = sagekv.load(args.model, backend=args.backend, device=args.device)
-    metrics = evaluate(model, args.tasks.split(","), [int(n) for n in args.lengths.split(",")], POLICIES,
-                       [int(b) for b in args.budgets.split(",")], args.samples, 0, args.out)
-    command = "python scripts/make_results_page.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out")
+    if not args.rag_only:
+        metrics = evaluate(model, args.tasks.split(","), [int(n) for n in args.lengths.split(",")], POLICIES,
+                           [int(b) for b in args.budgets.split(",")], args.samples, 0, args.out)
+    if args.rag or args.rag_only:
+        metrics = evaluate(model, list(DOCUMENT_TASKS), [int(n) for n in args.rag_lengths.split(",")], [], [],
+                           args.samples, 0, args.out, methods=list(METHODS))
+    policy_metrics, rag_metrics = split_cells(metrics)  # all the directory holds, of both kinds
+    page = [f"# Results: {model.name} ({model.backend}, device {getattr(model.runner, 'device', 'default')})", "",
+            f"Regenerate with `{command_line(args)}` ({args.samples} evaluation seeds per task and length).", ""]
+    if not args.rag_only:
+        page += policy_sections(policy_metrics)
+    if args.rag or args.rag_only:
+        page += [rag_markdown(rag_metrics, "## RAG over stored documents"), "![score against TTFT](" + RAG_PLOT + ")", ""]
+    write_file(os.path.join(args.out, "README.md"), "\n".join(page))
+    print(f"wrote {args.out}/README.md")
+
+
+def command_line(args) -> str:
+    words = ["python scripts/make_results_page.py"]
+    for name, value in vars(args).items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif value not in (None, False) and name != "out":
+            words.append(f"{flag} {value}")
+    return " ".join(words)
+
+
+def policy_sections(metrics: list) -> list:
+    """The plot, the paper's comparisons (on the tasks full attention solves, if not all) and the per-task tables."""
     solved = solved_tasks(metrics)
     if solved and len(solved) < len({m["task"] for m in metrics}):  # judge eviction where full attention answers
         comparisons = [f"## On the tasks full attention solves ({', '.join(solved)}: {SOLVED_SCORE} or more at every length)", "",
@@ -47,13 +81,8 @@ def main():
                        "## On all tasks", "", comparisons_markdown(metrics, level=3)]
     else:
         comparisons = [comparisons_markdown(metrics)]
-    page = [f"# Results: {model.name} ({model.backend}, device {getattr(model.runner, 'device', 'default')})", "",
-            f"Regenerate with `{command}` ({args.samples} evaluation seeds per task and length).", "",
-            "![accuracy against budget](accuracy_vs_budget.png)", "", *comparisons,
+    return ["![accuracy against budget](accuracy_vs_budget.png)", "", *comparisons,
             summary_markdown(metrics, "per task").split("\n", 1)[1]]
-    with open(os.path.join(args.out, "README.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(page))
-    print(f"wrote {args.out}/README.md")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 import importlib.util
 import os
+import subprocess
+import sys
 
 # float32 parity needs full-precision matmuls; MLX's CUDA/M5 default is TF32 (read at import).
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
@@ -9,6 +11,16 @@ import pytest
 
 HAVE_MLX = importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx_lm") is not None
 HAVE_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, *args, timeout=600):
+    """scripts/NAME run with this checkout's sagekv, not an installed copy of another checkout."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
 
 needs_mlx = pytest.mark.skipif(not HAVE_MLX, reason="mlx and mlx-lm are not installed")
 needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch and transformers are not installed")

@@ -68,14 +68,11 @@ def test_solved_tasks_are_those_full_attention_answers_at_every_length():
 
 
 def test_results_page_script(tiny_checkpoints, tmp_path):
-    import os
-    import subprocess
-    import sys
+    from conftest import run_script
 
-    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "make_results_page.py")
-    out = subprocess.run([sys.executable, script, "--model", tiny_checkpoints["llama"], "--backend", "torch",
-                          "--tasks", "single_needle", "--lengths", "512", "--budgets", "32,64,128", "--samples", "1",
-                          "--out", str(tmp_path / "results")], capture_output=True, text=True, timeout=300)
+    out = run_script("make_results_page.py", "--model", tiny_checkpoints["llama"], "--backend", "torch",
+                     "--tasks", "single_needle", "--lengths", "512", "--budgets", "32,64,128", "--samples", "1",
+                     "--out", str(tmp_path / "results"))
     assert out.returncode == 0, out.stderr
     page = (tmp_path / "results" / "README.md").read_text()
     assert "## SAGE-KV against full attention at 1/16 of the context" in page

@@ -146,3 +146,174 @@ def test_streamed_text_equals_the_json_text(checkpoint):
     streamed = sagekv(*args)
     record = json.loads(sagekv(*args, "--json").stdout)
     assert streamed.returncode == 0 and streamed.stdout == record["text"] + "\n"
+
+
+DOCS = ["Document 1:\nThe key for door seven is 4821. The lamp is green.\n\n",
+        "Document 2:\nMu nu xi omicron pi rho sigma tau, and the hall is long.\n\n"]
+QUESTION = "Question: what is the key for door seven?\nAnswer: The key for door seven is "
+RAG_JSON_FIELDS = {"text", "tokens", "method", "kept_tokens", "total_tokens", "kv_bytes", "policy", "backend", "model",
+                   "ttft_s", "store_s", "decode_s", "decode_tokens_per_s"}
+
+
+def doc_files(directory):
+    directory.mkdir(exist_ok=True)
+    return [str(write(directory / f"doc{i}.txt", text)) for i, text in enumerate(DOCS)]
+
+
+def rag_args(checkpoint, docs, *extra):
+    return ["rag", "--backend", "torch", "--model", checkpoint, "--device", "cpu", "--question", QUESTION,
+            "--max-tokens", "6", *(a for path in docs for a in ("--doc", path)), *extra]
+
+
+def stamps(directory):
+    """Each file's bytes, inode and modification time: a file rewritten in place or replaced shows."""
+    return {p.name: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in directory.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def stored(checkpoint, tmp_path_factory):
+    """A store written by one `sagekv rag --store` call, and that call's JSON."""
+    root = tmp_path_factory.mktemp("stored")
+    out = sagekv(*rag_args(checkpoint, doc_files(root / "docs"), "--store", str(root / "store"), "--json"))
+    assert out.returncode == 0, out.stderr
+    return root / "store", json.loads(out.stdout)
+
+
+@needs_torch
+def test_rag_json_and_a_reused_store(checkpoint, stored, tmp_path):
+    store, record = stored
+    assert set(record) == RAG_JSON_FIELDS
+    assert record["method"] == "samkv" and record["policy"] == {"name": "full"} and record["backend"] == "torch"
+    assert record["total_tokens"] == 1 + sum(len(d) for d in DOCS)  # <s> and one token per byte
+    assert 0 < record["kept_tokens"] < record["total_tokens"] and record["kv_bytes"] > 0
+    assert 0 < len(record["tokens"]) <= 6
+    assert all(record[k] == round(record[k], 3) for k in ("ttft_s", "store_s", "decode_s"))
+    assert len(list(store.iterdir())) == 1 + len(DOCS)  # the <s> piece and each document
+
+    before = stamps(store)
+    again = sagekv(*rag_args(checkpoint, doc_files(tmp_path / "docs"), "--store", str(store), "--json"))
+    assert again.returncode == 0, again.stderr
+    assert stamps(store) == before  # every document read back, no file written again
+    second = json.loads(again.stdout)
+    assert {k: second[k] for k in ("tokens", "kept_tokens", "kv_bytes")} == {k: record[k] for k in ("tokens", "kept_tokens", "kv_bytes")}
+    in_memory = json.loads(sagekv(*rag_args(checkpoint, doc_files(tmp_path / "docs"), "--json")).stdout)
+    assert in_memory["tokens"] == record["tokens"]
+
+
+@needs_torch
+def test_rag_text_output_with_a_policy(checkpoint, tmp_path):
+    docs = doc_files(tmp_path)
+    plain = json.loads(sagekv(*rag_args(checkpoint, docs, "--method", "reuse", "--json")).stdout)
+    out = sagekv(*rag_args(checkpoint, docs, "--method", "reuse", "--policy", "streaming", "--budget", "8"))
+    assert out.returncode == 0, out.stderr
+    evicted = json.loads(sagekv(*rag_args(checkpoint, docs, "--method", "reuse", "--policy", "streaming", "--budget", "8", "--json")).stdout)
+    assert out.stdout == evicted["text"] + "\n" and evicted["policy"] == {"name": "streaming", "budget": 8}
+    total = 1 + sum(len(d) for d in DOCS)
+    line = out.stderr.strip()
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert line.startswith(f"[torch | reuse + streaming budget 8 | kept {total} of {total} document tokens (100.0%) | KV ")
+    assert " MiB | TTFT " in line and " s | stored docs " in line and line.endswith(" tok/s]")
+    assert evicted["kv_bytes"] < plain["kv_bytes"]
+
+
+def corrupt(store):
+    """Flip one byte in the data of the largest stored document."""
+    path = max(store.iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def foreign(store, checkpoint, tmp_path):
+    """The store as another model's: a copy of the checkpoint with other weights, its files renamed to it."""
+    import shutil
+
+    from sagekv.generate import weights_fingerprint
+
+    other = tmp_path / "other-model"
+    shutil.copytree(checkpoint, other)
+    weights = other / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)
+    weights.write_bytes(bytes(data))
+    ours, theirs = weights_fingerprint(checkpoint), weights_fingerprint(str(other))
+    for path in store.iterdir():
+        path.rename(store / path.name.replace(ours, theirs))
+    return str(other)
+
+
+@needs_torch
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("no doc", "give at least one --doc FILE"),
+        ("missing doc", "cannot read document file"),
+        ("doc is a directory", "cannot read document file"),
+        ("doc not utf-8", "cannot read document file"),
+        ("empty doc", "is empty"),
+        ("no question", "give --question TEXT"),
+        ("empty question", "the question is empty"),
+        ("unknown method", "'h2o' is not one of"),
+        ("negative max tokens", "--max-tokens must be >= 0"),
+        ("too long", "exceed the 4096 positions"),
+        ("store is a file", "is a file, not a directory"),
+        ("corrupt store file", "is damaged (checksum mismatch); delete it"),
+        ("store of another model", "belongs to another model"),
+    ],
+)
+def test_rag_bad_input_gives_one_line_and_writes_nothing(case, message, checkpoint, stored, tmp_path):
+    import shutil
+
+    docs = doc_files(tmp_path / "docs")
+    store = tmp_path / "store"
+    shutil.copytree(stored[0], store)
+    model = checkpoint
+    if case == "corrupt store file":
+        corrupt(store)
+    if case == "store of another model":
+        model = foreign(store, checkpoint, tmp_path)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    fresh = tmp_path / "fresh"
+    base = rag_args(model, docs, "--store", str(fresh))
+    args = {
+        "no doc": rag_args(model, [], "--store", str(fresh)),
+        "missing doc": base + ["--doc", str(tmp_path / "nope.txt")],
+        "doc is a directory": base + ["--doc", str(tmp_path)],
+        "doc not utf-8": base + ["--doc", str(latin1)],
+        "empty doc": base + ["--doc", str(write(tmp_path / "blank.txt", " \n"))],
+        "no question": [a for a in base if a not in ("--question", QUESTION)],
+        "empty question": base + ["--question", "  "],
+        "unknown method": base + ["--method", "h2o"],
+        "negative max tokens": base + ["--max-tokens", "-1"],
+        "too long": base + ["--doc", str(write(tmp_path / "long.txt", "word " * 900))],
+        "store is a file": rag_args(model, docs, "--store", str(write(tmp_path / "file", "x"))),
+        "corrupt store file": rag_args(model, docs, "--store", str(store)),
+        "store of another model": rag_args(model, docs, "--store", str(store)),
+    }[case]
+    before = stamps(store)
+    out = sagekv(*args)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+    assert "Traceback" not in out.stderr + out.stdout and out.stdout == ""
+    assert not fresh.exists() and stamps(store) == before  # refused before any store was created or changed
+
+
+@needs_torch
+def test_rag_refuses_a_store_it_cannot_write(checkpoint, tmp_path, monkeypatch, capsys):
+    """Root writes anywhere, so the failure is made in-process: creating any file in the store fails."""
+    import sagekv.store
+    from sagekv.cli import main
+
+    def refuse(directory, name):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(sagekv.store, "_open_temporary", refuse)
+    store = tmp_path / "store"
+    store.mkdir()
+    assert main(rag_args(checkpoint, doc_files(tmp_path / "docs"), "--store", str(store))) == 1
+    captured = capsys.readouterr()  # in-process, transformers' loading bar may show too (its setting is read at import)
+    assert captured.err.strip().splitlines()[-1] == f"error: document store {store} is not writable: Permission denied"
+    assert captured.err.count("error:") == 1 and "Traceback" not in captured.err
+    assert captured.out == "" and list(store.iterdir()) == []

@@ -144,10 +144,162 @@ def test_eval_refuses_a_retrained_model_and_changed_samples(tiny_checkpoints, tm
     assert open(predictions).read() == before  # refused without touching the results
 
 
+PASSAGES = [
+    {"context": "Passage 1:\nOstra\n" + "The river Ostra flows north past the mill. " * 3 + "\nPassage 2:\nVelm\nThe town of Velm "
+                "lies on the Ostra.\n",
+     "input": "Which way does the Ostra flow?", "answers": ["north"], "dataset": "hotpotqa"},
+    {"context": "Passage 1:\nKarn\nKarn was founded by Ilsa Vorn.\nPassage 2:\nIlsa Vorn\nIlsa Vorn was born in Tesk.\n"
+                "Passage 3:\nTesk\nTesk is a port.\n", "input": "Where was the founder of Karn born?", "answers": ["Tesk"],
+     "dataset": "2wikimqa"},
+]
+RAG_RECORD_FIELDS = {"task", "length", "seed", "method", "prediction", "answer", "score", "kept_tokens", "total_tokens",
+                     "kept_fraction", "ttft_s", "store_s", "kv_bytes", "decode_tokens_per_s"}
+
+
+def test_longbench_passages_make_up_the_prompt():
+    for record in PASSAGES:
+        documents, question = longbench.passages(record["dataset"], record["context"], record["input"])
+        assert "".join(documents) + question == longbench.prompt_for(record["dataset"], record["context"], record["input"])
+        assert len(documents) == record["context"].count("Passage ") and all(d.startswith("Passage ") for d in documents)
+        assert question.endswith(f"Question: {record['input']}\nAnswer: ")
+    with pytest.raises(SageKVError, match="passage_retrieval_en has no passages"):
+        longbench.passages("passage_retrieval_en", "Paragraph 1: cats.", "Which?")
+
+
+@pytest.fixture(scope="module")
+def rag_checkpoint(tmp_path_factory):
+    """Four layers: CacheBlend's check layer (1) must come before the last."""
+    pytest.importorskip("transformers")
+    from sagekv.checkpoints import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("rag") / "llama", "llama", seed=3, num_hidden_layers=4)
+
+
+@pytest.fixture(scope="module")
+def rag_model(rag_checkpoint):
+    import sagekv
+
+    return sagekv.load(rag_checkpoint, backend="torch", device="cpu", dtype="float32")
+
+
+def read_records(out):
+    return [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]
+
+
+def test_eval_rag_cells_resume_and_reports(rag_model, tmp_path):
+    import statistics
+
+    from sagekv.evaluate import evaluate
+    from sagekv.rag import METHODS
+
+    model = rag_model
+    fixture = write_longbench(tmp_path / "lb.jsonl", PASSAGES)
+    out = str(tmp_path / "run")
+    args = (["multi_doc_qa", "multi_doc_qa_2hop", f"longbench:{fixture}"], [512], ["full"], [64], 2, 0, out)
+    metrics = evaluate(model, *args, progress=False, methods=list(METHODS))
+    records = read_records(out)
+    assert len(records) == (2 * 2 + 2) * (1 + len(METHODS))  # (2 tasks x 2 seeds + 2 LongBench lines) x (full + 5 methods)
+    full = {(r["task"], r["seed"]): r for r in records if r.get("policy") == "full"}
+    for r in (r for r in records if "method" in r):
+        assert set(r) == RAG_RECORD_FIELDS
+        assert r["kept_fraction"] == r["kept_tokens"] / r["total_tokens"] and r["kv_bytes"] > 0 and r["ttft_s"] > 0
+        assert r["kept_fraction"] == 1 or r["method"] == "samkv"  # the others keep every document token
+        if r["method"] == "full_recompute":  # the same prompt tokens as full attention, so the same answer
+            assert r["prediction"] == full[r["task"], r["seed"]]["prediction"]
+        if r["task"] in tasks.TASKS:
+            sample = tasks.generate(r["task"], r["length"], r["seed"])
+            assert r["score"] == tasks.score(sample, r["prediction"]) and r["answer"] == sample.answer
+            assert r["total_tokens"] == len(model.encode(sample.prompt)) - len(sample.question)  # byte-level tokens
+    assert any(len(r["prediction"]) > 10 for r in records if r.get("method") == "full_recompute")  # LongBench: 32 tokens
+    assert any(r["kept_fraction"] < 1 for r in records if r.get("method") == "samkv")
+
+    policy_cells, rag_cells = [m for m in metrics if "policy" in m], [m for m in metrics if "method" in m]
+    assert metrics == policy_cells + rag_cells and len(policy_cells) == 4 and len(rag_cells) == 4 * len(METHODS)
+    assert [m["method"] for m in rag_cells[:len(METHODS)]] == list(METHODS)
+    cell = next(m for m in rag_cells if m["task"] == "multi_doc_qa_2hop" and m["method"] == "samkv")
+    mine = [r for r in records if r["task"] == "multi_doc_qa_2hop" and r.get("method") == "samkv"]
+    assert set(cell) == {"task", "length", "method", "n", "accuracy", "kept_fraction", "ttft_s", "kv_bytes", "decode_tokens_per_s"}
+    assert cell["n"] == 2 and cell["ttft_s"] == statistics.median(r["ttft_s"] for r in mine)
+    assert cell["kept_fraction"] == pytest.approx(sum(r["kept_fraction"] for r in mine) / 2)
+    assert cell["kv_bytes"] == sum(r["kv_bytes"] for r in mine) / 2
+    assert {m["length"] for m in rag_cells if m["task"] in ("hotpotqa", "2wikimqa")} == {0}
+    assert json.load(open(os.path.join(out, "metrics.json"))) == metrics
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "## multi_doc_qa\n" in summary and "## RAG over stored documents" in summary
+    assert "| multi_doc_qa | 512 tokens | full_recompute | " in summary and "| 2wikimqa | file lengths | samkv | " in summary
+    for name in ("accuracy_vs_budget.png", "rag_score_vs_ttft.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 10_000
+    assert sorted(os.listdir(out)) == ["accuracy_vs_budget.png", "metrics.json", "predictions.jsonl", "rag_score_vs_ttft.png",
+                                       "run.json", "summary.md"]  # no temporary file left
+
+    # a re-run skips everything; a lost RAG line is redone, and only it
+    evaluate(model, *args, progress=False, methods=list(METHODS))
+    assert read_records(out) == records
+    lines = open(os.path.join(out, "predictions.jsonl")).readlines()
+    lost = next(i for i, line in enumerate(lines) if '"method": "cacheblend"' in line)
+    open(os.path.join(out, "predictions.jsonl"), "w").writelines(lines[:lost] + lines[lost + 1:])
+    evaluate(model, *args, progress=False, methods=list(METHODS))
+    again = read_records(out)
+    assert len(again) == len(records) and again[-1]["method"] == "cacheblend"
+    assert {(r["task"], r["seed"], r.get("method")) for r in again} == {(r["task"], r["seed"], r.get("method")) for r in records}
+
+
+def test_eval_rag_only_then_policies_in_the_same_directory(rag_model, tmp_path):
+    from sagekv.evaluate import evaluate
+
+    out = str(tmp_path / "run")
+    metrics = evaluate(rag_model, ["multi_doc_qa"], [512], [], [64], 2, 0, out, progress=False, methods=["reuse", "samkv"])
+    assert [m["method"] for m in metrics] == ["reuse", "samkv"] and all("policy" not in r for r in read_records(out))
+    assert open(os.path.join(out, "summary.md")).read().startswith("# RAG over stored documents: ")
+    assert not os.path.exists(os.path.join(out, "accuracy_vs_budget.png"))
+    both = evaluate(rag_model, ["multi_doc_qa"], [512], ["full"], [64], 2, 0, out, progress=False)
+    assert [m.get("policy") or m["method"] for m in both] == ["full", "reuse", "samkv"]
+    assert os.path.exists(os.path.join(out, "accuracy_vs_budget.png")) and len(read_records(out)) == 6
+
+
+@pytest.mark.parametrize(
+    "task,policies,methods,message",
+    [
+        ("single_needle", ["full"], ["samkv"], "single_needle has no documents for the RAG methods"),
+        ("longbench", [], ["reuse"], "passage_retrieval_en has no passages"),
+        ("multi_doc_qa", [], [], "nothing to evaluate"),
+        ("multi_doc_qa", [], ["nope"], "unknown method 'nope'"),
+    ],
+)
+def test_eval_rag_refusals_write_nothing(tiny_models, tmp_path, task, policies, methods, message):
+    from sagekv.evaluate import evaluate
+
+    spec = f"longbench:{write_longbench(tmp_path / 'lb.jsonl', PASSAGES + LONGBENCH)}" if task == "longbench" else task
+    out = tmp_path / "run"
+    with pytest.raises(SageKVError, match=message):
+        evaluate(tiny_models("llama", "torch"), [spec], [512], policies, [64], 4, 0, str(out), progress=False, methods=methods)
+    assert not out.exists()
+
+
+def test_eval_cli_policies_by_default_rag_methods_alone(tiny_checkpoints, tmp_path):
+    def run(out, *extra):
+        args = ["eval", "--backend", "torch", "--model", tiny_checkpoints["llama"], "--lengths", "512", "--budgets", "64",
+                "--samples", "1", "--out", str(tmp_path / out), "--quiet", *extra]
+        done = subprocess.run([sys.executable, "-m", "sagekv.cli", *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout, read_records(tmp_path / out)
+
+    stdout, records = run("policies", "--tasks", "multi_doc_qa")
+    assert sorted(r["policy"] for r in records) == sorted(["full", "sagekv", "sagekv_kv_follow", "streaming", "snapkv", "quest"])
+    assert stdout.strip().endswith("(metrics.json, predictions.jsonl, summary.md, accuracy_vs_budget.png)")
+    stdout, records = run("rag", "--tasks", "multi_doc_qa", "--methods", "reuse,epic")
+    assert [r["method"] for r in records] == ["reuse", "epic"] and all("policy" not in r for r in records)
+    assert stdout.strip().endswith("(metrics.json, predictions.jsonl, summary.md, rag_score_vs_ttft.png)")
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
         (["--tasks", "nope"], "unknown task 'nope'"),
+        (["--methods", "samkv"], "single_needle has no documents for the RAG methods"),
+        (["--tasks", "multi_doc_qa", "--methods", "reuse,nope"], "unknown method 'nope'"),
+        (["--policies", ""], "nothing to evaluate"),
+        (["--policies", ","], "--policies is empty"),
         (["--lengths", "100"], "below single_needle's minimum"),
         (["--budgets", "64,x"], "--budgets must be a comma-separated list"),
         (["--policies", "full,h2o"], "unknown policy 'h2o'"),
@@ -207,3 +359,28 @@ def test_early_stop_matches_full_generation(tiny_models, tmp_path):
         full = model.generate_ids(model.encode(sample.prompt), policy, len(model.encode(sample.answer)) + 4)
         assert record["score"] == tasks.score(sample, full.text)
         assert full.text.startswith(record["prediction"])
+
+
+def test_results_page_rag_section(rag_checkpoint, tmp_path):
+    """The RAG grid alone, then beside a (tiny) policy grid in the same directory."""
+    from conftest import run_script
+    from sagekv.rag import METHODS
+
+    out = tmp_path / "results"
+
+    def page(*extra):
+        done = run_script("make_results_page.py", "--model", rag_checkpoint, "--backend", "torch", "--samples", "1",
+                          "--rag-lengths", "1024", "--out", str(out), *extra)
+        assert done.returncode == 0, done.stderr
+        return (out / "README.md").read_text()
+
+    alone = page("--rag-only")
+    assert "## RAG over stored documents" in alone and "![score against TTFT](rag_score_vs_ttft.png)" in alone
+    assert all(f"| {task} | 1024 tokens | {method} | " in alone for task in tasks.DOCUMENT_TASKS for method in METHODS)
+    assert "--rag-only" in alone and "--rag-lengths 1024" in alone and "accuracy_vs_budget" not in alone
+    assert "| 1024 tokens | full_recompute | " in alone and " | 100 | " in alone  # TTFT as % of full recompute's
+    assert os.path.getsize(out / "rag_score_vs_ttft.png") > 10_000
+    both = page("--rag", "--tasks", "single_needle", "--lengths", "512", "--budgets", "64")
+    assert "![accuracy against budget](accuracy_vs_budget.png)" in both and "| sagekv | 64 |" in both
+    assert both.index("## single_needle") < both.index("## RAG over stored documents")
+    assert both.split("## RAG over stored documents")[1] == alone.split("## RAG over stored documents")[1]  # resumed, not re-run

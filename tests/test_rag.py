@@ -147,6 +147,14 @@ def test_stored_documents_are_reused(load, tmp_path):
     assert same.tokens == first.tokens and again.rag.total_tokens == first.rag.total_tokens
 
 
+def test_on_token_streams_and_stops(load):
+    model = load("llama", "torch")
+    whole = model.rag(DOCUMENTS, QUESTION, method="epic", max_tokens=TOKENS)
+    seen = []
+    cut = model.rag(DOCUMENTS, QUESTION, method="epic", max_tokens=TOKENS, on_token=lambda ids: seen.append(list(ids)) or len(ids) == 3)
+    assert seen == [whole.tokens[:n] for n in (1, 2, 3)] and cut.tokens == whole.tokens[:3]
+
+
 def test_samkv_keeps_anchors_and_a_share(load):
     model = load("llama", "torch")
     method = rag.SamKV(initial=4, local=4, block=4, layers=2)

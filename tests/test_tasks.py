@@ -3,12 +3,12 @@ import re
 
 import pytest
 
-from sagekv.tasks import EVAL_SEEDS, MIN_LENGTH, TASKS, TRAIN_SEEDS, generate, score, split_of
+from sagekv.tasks import DOCUMENT_TASKS, EVAL_SEEDS, MIN_LENGTH, TASKS, TRAIN_SEEDS, generate, score, split_of
 
 LENGTHS = [512, 1024, 2048, 4096, 8192]
 SEEDS = [0, 17, 1_000_003]
 NEEDLE_TASKS = ["single_needle", "multi_key", "multi_value", "multi_query"]
-DOC_TASKS = ["multi_doc_qa", "multi_doc_qa_2hop"]
+DOC_TASKS = list(DOCUMENT_TASKS)  # test_prompt_ends_with_question_and_answer_prefix checks it
 NEEDLE = re.compile(r"The magic number for ([a-z]+-[a-z]+) is (\d{7})\.")
 STATEMENT = re.compile(r"VAR ([A-Z]{5}) = (?:(\d{7})|VAR ([A-Z]{5}))\.")
 
