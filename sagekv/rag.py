@@ -88,6 +88,12 @@ def fresh_prefill(run, ids: list, start: int = 0, chunk: Optional[int] = None):
     return cache, segments, logits, tails
 
 
+def stored_pieces(model, store, pieces_ids: list) -> list:
+    """The pieces placed one after another, each stored (prefilled alone) unless it already is."""
+    starts = np.cumsum([0] + [len(ids) for ids in pieces_ids])
+    return [stored_piece(model, store, ids, int(start)) for ids, start in zip(pieces_ids, starts)]
+
+
 def stored_piece(model, store, ids: list, start: int) -> Piece:
     key = content_key(ids)
     stored = store.get(key)
@@ -528,10 +534,7 @@ def rag_ids(model, pieces_ids: list, question_ids: list, method, store=None, max
     run = model.runner
     with run.inference():
         start = time.perf_counter()
-        pieces, offset = [], 0
-        for ids in pieces_ids:
-            pieces.append(stored_piece(model, store, ids, offset))
-            offset += len(ids)
+        pieces = stored_pieces(model, store, pieces_ids)
         run.sync()
         store_s = time.perf_counter() - start
         start = time.perf_counter()

@@ -65,9 +65,11 @@ def command_line(args) -> str:
     words = ["python scripts/make_results_page.py"]
     for name, value in vars(args).items():
         flag = "--" + name.replace("_", "-")
+        if args.rag_only and name in ("tasks", "lengths", "budgets"):
+            continue  # the policy grid's settings: unused
         if value is True:
             words.append(flag)
-        elif value not in (None, False) and name != "out":
+        elif value not in (None, False) and (name, value) != ("out", "results"):
             words.append(f"{flag} {value}")
     return " ".join(words)
 

@@ -57,6 +57,12 @@ def float_keys(model, stored):
     return rag.float32_of(raw, tag)
 
 
+def stored(model):
+    """The preamble and DOCUMENTS stored in memory, placed one after another."""
+    pieces_ids = [model.preamble_ids()] + [model.encode_plain(d) for d in DOCUMENTS]
+    return rag.stored_pieces(model, MemoryStore(model.store_id), pieces_ids)
+
+
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 @pytest.mark.parametrize("family", ["llama", "qwen3", "llama3"])
 def test_rerotated_keys_equal_a_prefill_at_that_offset(load, family, backend):
@@ -158,13 +164,8 @@ def test_on_token_streams_and_stops(load):
 def test_samkv_keeps_anchors_and_a_share(load):
     model = load("llama", "torch")
     method = rag.SamKV(initial=4, local=4, block=4, layers=2)
-    pieces_ids = [model.preamble_ids()] + [model.encode_plain(d) for d in DOCUMENTS]
-    store = MemoryStore(model.store_id)
     with model.runner.inference():
-        pieces, start = [], 0
-        for ids in pieces_ids:
-            pieces.append(rag.stored_piece(model, store, ids, start))
-            start += len(ids)
+        pieces = stored(model)
         chosen = method.select(model, pieces, model.encode_plain(QUESTION))
     for piece, per_layer in zip(pieces, chosen):
         n = len(piece.ids)
@@ -196,6 +197,27 @@ def test_samkv_keeps_at_most_max_kept(load, share):
         assert capped.rag.kept_tokens == free.rag.kept_tokens and capped.tokens == free.tokens
     else:
         assert anchors < capped.rag.kept_tokens < free.rag.kept_tokens
+
+
+def test_samkv_recomputes_like_a_prefill_of_the_kept_tokens(load):
+    """Selected at the last layer only, every kept token is recomputed at every layer: the first
+    token's logits are those of transformers' own forward over the kept tokens and the question at
+    their positions in the full prompt (gaps and all)."""
+    import torch
+
+    model = load("llama", "torch")
+    method = rag.SamKV(initial=4, local=4, block=4, layers=1)
+    question = model.encode_plain(QUESTION)
+    with model.runner.inference():
+        pieces = stored(model)
+        kept = [np.unique(np.concatenate(c)) for c in method.select(model, pieces, question)]
+        _, logits, count = method.prefill(model, pieces, question)
+        ids = [p.ids[r] for p, rows in zip(pieces, kept) for r in rows] + question
+        positions = [p.start + r for p, rows in zip(pieces, kept) for r in rows]
+        positions += list(range(pieces[-1].stop, pieces[-1].stop + len(question)))
+        assert count == len(ids) - len(question) < pieces[-1].stop  # something was evicted
+        expected = model.runner.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions])).logits[0, -1]
+    np.testing.assert_allclose(logits.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_samkv_selection_matches_the_float64_reference():
