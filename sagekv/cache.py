@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, fields
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import numpy as np
 

@@ -22,7 +22,7 @@ repaired, writes the fresh rows (overwritten or fused) and masks attention by co
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import numpy as np

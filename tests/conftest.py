@@ -74,17 +74,22 @@ def tiny_checkpoints(tmp_path_factory):
     return {family: make_tiny_checkpoint(root / family, family, seed=3) for family in FAMILIES}
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tiny_checkpoints):
-    """tiny_models(family, backend): the checkpoint loaded once per session, float32 on the CPU."""
+def model_loader(checkpoints: dict):
+    """get(name, backend): the checkpoint ``checkpoints[name]`` loaded once, float32 on the CPU."""
     import sagekv
 
     loaded = {}
 
-    def get(family, backend):
+    def get(name, backend):
         pytest.importorskip("mlx_lm" if backend == "mlx" else "torch")
-        if (family, backend) not in loaded:
-            loaded[family, backend] = sagekv.load(tiny_checkpoints[family], backend=backend, device="cpu", dtype="float32")
-        return loaded[family, backend]
+        if (name, backend) not in loaded:
+            loaded[name, backend] = sagekv.load(checkpoints[name], backend=backend, device="cpu", dtype="float32")
+        return loaded[name, backend]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_checkpoints):
+    """tiny_models(family, backend): the checkpoint loaded once per session."""
+    return model_loader(tiny_checkpoints)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import sagekv
-from conftest import needs_mlx, needs_torch
+from conftest import model_loader, needs_mlx, needs_torch
 from reference import samkv_selection
 from sagekv import rag
 from sagekv.store import DocumentStore, MemoryStore
@@ -41,15 +41,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def load(checkpoints):
-    loaded = {}
-
-    def get(family, backend):
-        pytest.importorskip("mlx_lm" if backend == "mlx" else "torch")
-        if (family, backend) not in loaded:
-            loaded[family, backend] = sagekv.load(checkpoints[family], backend=backend, device="cpu", dtype="float32")
-        return loaded[family, backend]
-
-    return get
+    return model_loader(checkpoints)
 
 
 def float_keys(model, stored):
