@@ -6,11 +6,17 @@ The core imports neither mlx nor torch; backends load on first use.
 from .errors import SageKVError
 from .generate import Result, SageModel, Stats, load
 from .policies import TOVA, Full, Knorm, Quest, Random, SageKV, SnapKV, StreamingLLM, make_policy
+from .rag import EPIC, CacheBlend, FullRecompute, Reuse, SamKV
 from .selection import select
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EPIC",
+    "CacheBlend",
+    "FullRecompute",
+    "Reuse",
+    "SamKV",
     "TOVA",
     "Full",
     "Knorm",
