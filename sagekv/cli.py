@@ -228,7 +228,7 @@ def eval_command(backend, model_path, task_list, lengths, policies, methods, bud
     if not policy_names and not method_names:
         raise SageKVError("nothing to evaluate: --policies is empty and no --methods given")
     budget_list = parse_list(budgets, int, "budgets")
-    check_tasks(task_specs, length_list, method_names)
+    check_tasks(task_specs, length_list)
     cells(policy_names, budget_list)  # every policy valid at every budget, before loading
     rag_cells(method_names)
     model = load(model_path, backend=backend, device=device, dtype=dtype)

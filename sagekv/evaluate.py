@@ -1,5 +1,6 @@
 """Accuracy against KV budget: every (task, length, policy, budget) cell on one model; and RAG
-methods over stored documents: every (task, length, method) cell on the tasks that have documents.
+methods over stored documents: every (task, length, method) cell (a task without documents has its
+context cut into documents, ``tasks.documents_of``).
 
 Each sample is prefilled once and decoded under every policy from a copy of that cache. A RAG
 method answers the sample's question over its documents, each document prefilled alone once per
@@ -57,7 +58,7 @@ def synthetic_cases(task: str, length: int, samples: int, seed: int, encode) -> 
         budget = len(encode(sample.answer)) + 4
         decided = partial(answer_decided, sample.answer) if len(sample.answers) == 1 else None
         cases.append(Case(task, length, s, sample.prompt, sample.answer, budget,
-                          lambda text, x=sample: tasks.score(x, text), decided, sample.documents, sample.question))
+                          lambda text, x=sample: tasks.score(x, text), decided, tasks.documents_of(sample), sample.question))
     return cases
 
 
@@ -131,7 +132,7 @@ def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: li
     grid = cells(policies, budgets) + rag_cells(methods)
     if not grid:
         raise SageKVError("nothing to evaluate: no policies and no RAG methods")
-    check_tasks(task_specs, lengths, methods)
+    check_tasks(task_specs, lengths)
     cases = []
     for spec in task_specs:
         if spec.startswith("longbench:"):
@@ -195,15 +196,12 @@ def stop_when_decided(model, case: Case):
     return None if case.decided is None else (lambda ids: case.decided(model.decode_text(ids)))
 
 
-def check_tasks(task_specs: list, lengths: list, methods: list = ()) -> None:
+def check_tasks(task_specs: list, lengths: list) -> None:
     for spec in task_specs:
         if spec.startswith("longbench:"):
             continue
         if spec not in tasks.TASKS:
             raise SageKVError(f"unknown task {spec!r} (choose from: {', '.join(tasks.TASKS)}, or longbench:FILE.jsonl)")
-        if methods and spec not in tasks.DOCUMENT_TASKS:
-            raise SageKVError(f"{spec} has no documents for the RAG methods (--methods): use {', '.join(tasks.DOCUMENT_TASKS)} "
-                              f"or LongBench {', '.join(longbench.PASSAGE_DATASETS)}")
         too_short = [n for n in lengths if n < tasks.MIN_LENGTH[spec]]
         if too_short:
             raise SageKVError(f"length {too_short[0]} is below {spec}'s minimum of {tasks.MIN_LENGTH[spec]} tokens")

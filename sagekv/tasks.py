@@ -385,6 +385,27 @@ TASKS = {task.__name__: task for task in (single_needle, multi_key, multi_value,
 DOCUMENT_TASKS = ("multi_doc_qa", "multi_doc_qa_2hop")  # tasks whose samples have documents and a question
 
 
+def documents_of(sample: Sample, size: int = DOC_BYTES) -> tuple:
+    """The sample's documents; for a task without them, its context (the prompt before the question)
+    cut after sentence ends into documents of about ``size`` bytes, so that every task can be answered
+    over independently prefilled documents (a needle then lies in one of them).
+    ``"".join(documents_of(sample)) + sample.question == sample.prompt``."""
+    if sample.documents:
+        return sample.documents
+    context = sample.prompt[: len(sample.prompt) - len(sample.question)]
+    documents, start = [], 0
+    for match in re.finditer(r"(?<=\.) |\n", context):
+        if match.end() - start >= size:
+            documents.append(context[start : match.end()])
+            start = match.end()
+    tail = context[start:]
+    if documents and len(tail) < size // 4:  # too short to stand alone
+        documents[-1] += tail
+    elif tail:
+        documents.append(tail)
+    return tuple(documents)
+
+
 def _check_seed(seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")

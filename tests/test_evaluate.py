@@ -244,6 +244,24 @@ def test_eval_rag_cells_resume_and_reports(rag_model, tmp_path):
     assert {(r["task"], r["seed"], r.get("method")) for r in again} == {(r["task"], r["seed"], r.get("method")) for r in records}
 
 
+def test_eval_rag_on_a_haystack_cut_into_documents(rag_model, tmp_path):
+    """A task without documents is answered over its context cut into documents; full recompute then
+    sees the same tokens as full attention."""
+    from sagekv.evaluate import evaluate
+
+    out = str(tmp_path / "run")
+    evaluate(rag_model, ["single_needle"], [1024], ["full"], [64], 2, 0, out, progress=False, methods=["full_recompute", "reuse"])
+    records = read_records(out)
+    full = {r["seed"]: r["prediction"] for r in records if r.get("policy") == "full"}
+    for r in (r for r in records if "method" in r):
+        sample = tasks.generate("single_needle", 1024, r["seed"])
+        assert r["total_tokens"] == len(rag_model.encode(sample.prompt)) - len(sample.question)
+        if r["method"] == "full_recompute":
+            assert r["prediction"] == full[r["seed"]]
+    assert sorted(r.get("method") or r["policy"] for r in records) == ["full", "full", "full_recompute", "full_recompute",
+                                                                        "reuse", "reuse"]
+
+
 def test_eval_rag_only_then_policies_in_the_same_directory(rag_model, tmp_path):
     from sagekv.evaluate import evaluate
 
@@ -260,7 +278,6 @@ def test_eval_rag_only_then_policies_in_the_same_directory(rag_model, tmp_path):
 @pytest.mark.parametrize(
     "task,policies,methods,message",
     [
-        ("single_needle", ["full"], ["samkv"], "single_needle has no documents for the RAG methods"),
         ("longbench", [], ["reuse"], "passage_retrieval_en has no passages"),
         ("multi_doc_qa", [], [], "nothing to evaluate"),
         ("multi_doc_qa", [], ["nope"], "unknown method 'nope'"),
@@ -296,7 +313,6 @@ def test_eval_cli_policies_by_default_rag_methods_alone(tiny_checkpoints, tmp_pa
     "extra,message",
     [
         (["--tasks", "nope"], "unknown task 'nope'"),
-        (["--methods", "samkv"], "single_needle has no documents for the RAG methods"),
         (["--tasks", "multi_doc_qa", "--methods", "reuse,nope"], "unknown method 'nope'"),
         (["--policies", ""], "nothing to evaluate"),
         (["--policies", ","], "--policies is empty"),

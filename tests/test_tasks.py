@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from sagekv.tasks import DOCUMENT_TASKS, EVAL_SEEDS, MIN_LENGTH, TASKS, TRAIN_SEEDS, generate, score, split_of
+from sagekv.tasks import DOC_BYTES, DOCUMENT_TASKS, EVAL_SEEDS, MIN_LENGTH, TASKS, TRAIN_SEEDS, documents_of, generate, score, split_of
 
 LENGTHS = [512, 1024, 2048, 4096, 8192]
 SEEDS = [0, 17, 1_000_003]
@@ -149,6 +149,24 @@ def test_documents_make_up_the_prompt(task):
         # Only the document headers carry digits.
         assert not re.search(r"\d", re.sub(r"Document \d+:", "", sample.prompt))
     assert len(generate(task, 8192, 11).documents) > len(generate(task, 1024, 11).documents)
+
+
+@pytest.mark.parametrize("task", sorted(set(TASKS) - set(DOCUMENT_TASKS)))
+@pytest.mark.parametrize("length", [512, 4096])
+def test_a_haystack_cut_into_documents(task, length):
+    """Without documents of its own, a sample's context is cut after sentence ends into documents of
+    about DOC_BYTES; with them, they are the documents."""
+    sample = generate(task, length, 5)
+    documents = documents_of(sample)
+    assert "".join(documents) + sample.question == sample.prompt
+    assert all(d.endswith((". ", "\n")) for d in documents[:-1])
+    assert all(len(d) >= DOC_BYTES for d in documents[:-1]) and all(len(d) < 2 * DOC_BYTES + 200 for d in documents)
+    assert len(documents) >= length // (2 * DOC_BYTES)
+    if task == "single_needle":  # the needle lies whole in one document
+        needle = NEEDLE.search(sample.prompt).group(0)
+        assert [needle in d for d in documents].count(True) == 1
+    with_documents = generate("multi_doc_qa", length, 5)
+    assert documents_of(with_documents) == with_documents.documents
 
 
 def test_multi_doc_qa_answer_is_in_exactly_one_document():
