@@ -411,7 +411,7 @@ class SegmentKV(DecodeCache):
 
     @property
     def state(self) -> dict:
-        return {"keys": self.keys[:, :, : self.size], "values": self.values[:, :, : self.size]}
+        return dict(zip(self.held, self.arrays))  # the rows held, not the room to grow
 
     @property
     def meta(self) -> dict:

@@ -202,7 +202,7 @@ DEFAULT_POLICIES = f"full,sagekv,{DEFAULT_POLICY},streaming,snapkv,quest"
 @click.option("--lengths", default="2048,4096,8192", show_default=True, help="Prompt lengths in tokens (synthetic tasks).")
 @click.option("--policies", default=None, help=f"From: {', '.join(NAMED)}. Default: {DEFAULT_POLICIES}; none with --methods.")
 @click.option("--methods", default=None, help=f"RAG methods over stored documents, from: {', '.join(METHODS)} "
-              "(tasks with documents only).")
+              "(a task without documents has its context cut into documents).")
 @click.option("--budgets", default="64,128,256,512,1024,2048", show_default=True, help="KV entries per KV head.")
 @click.option("--samples", type=int, default=20, show_default=True, help="Samples per task and length.")
 @click.option("--seed", type=int, default=0, show_default=True, help="First evaluation seed.")

@@ -329,7 +329,7 @@ class SamKV(RagMethod):
         layers = self.selection_layers(run.num_layers)
         question_query = self.question_query(model, pieces, question, layers)
         local_queries = [self.local_query(p, layers) for p in pieces]
-        scored = []  # per piece: (anchors, middle stop, block scores per layer, retention ratio) or None
+        scored = []  # per piece: (anchors, end of its middle, block order per layer or None, retention ratio)
         for i, piece in enumerate(pieces):
             n = len(piece.ids)
             anchors = self.anchors(n)
@@ -362,9 +362,12 @@ class SamKV(RagMethod):
         run = model.runner
         layers = self.selection_layers(run.num_layers)
         chosen = self.select(model, pieces, question)
-        kept = [np.unique(np.concatenate(per_layer)) for per_layer in chosen]
+        kept = kept_rows(chosen)
         offsets = np.cumsum([0] + [len(k) for k in kept])
         total = int(offsets[-1])
+        if not self.recompute:  # the ablation: the kept entries as stored, only the question computed
+            cache, logits = repair(model, pieces, question, kept, compute=np.arange(0))
+            return cache, logits, total
         question_compact = np.arange(total, total + len(question))
         # a token chosen at selection layer n is recomputed at every layer up to n
         needed = []
@@ -373,9 +376,6 @@ class SamKV(RagMethod):
             rows = [offsets[i] + np.searchsorted(kept[i], np.unique(np.concatenate([chosen[i][j] for j in later])))
                     for i in range(len(pieces))] if later else []
             needed.append(np.concatenate([*rows, question_compact]).astype(np.int64))
-        if not self.recompute:  # the ablation: the kept entries as stored, only the question computed
-            cache, logits = repair(model, pieces, question, kept, compute=np.arange(0))
-            return cache, logits, total
         theta = self.theta if self.update == "fusion" else None
         cache, logits = repair(model, pieces, question, kept, schedule=lambda layer, rows, segments: needed[layer],
                                theta=theta)
@@ -442,9 +442,13 @@ def block_scores(ops, query, keys, anchors, start: int, stop: int, block: int):
     return ops.to_numpy(anchor_score), ops.to_numpy(scores)
 
 
+def kept_rows(chosen: list) -> list:
+    """Per piece, the rows kept: the union of its selection layers' rows."""
+    return [np.unique(np.concatenate(per_layer)) for per_layer in chosen]
+
+
 def kept_count(chosen: list) -> int:
-    """Document tokens kept: the union over selection layers, summed over pieces."""
-    return sum(len(np.unique(np.concatenate(per_layer))) for per_layer in chosen)
+    return sum(len(rows) for rows in kept_rows(chosen))
 
 
 def chosen_rows(order, anchors, start: int, stop: int, block: int, keep: int) -> list:
