@@ -70,7 +70,7 @@ def test_mlx_and_torch_agree_end_to_end(tiny_models, policy):
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
-@pytest.mark.parametrize("page,budget,hq,hkv", [(8, 32, 8, 2), (4, 8, 7, 1), (16, 16, 4, 4)])
+@pytest.mark.parametrize("page,budget,hq,hkv", [(8, 32, 8, 2), (4, 8, 7, 1), (16, 32, 4, 4), (16, 100, 4, 4)])
 def test_quest_decode_matches_reference(library, page, budget, hq, hkv):
     rng = np.random.default_rng(page + budget)
     d, n, steps = 8, 70, 300  # crosses a reallocation of the page store
@@ -86,7 +86,7 @@ def test_quest_decode_matches_reference(library, page, budget, hq, hkv):
         out = to_numpy(cache.attend(as_lib(queries[t][None, :, None]), scale))[0, :, 0]
         for h in range(hq):
             k, v = keys[0, h // g].astype(np.float32).astype(np.float64), values[0, h // g]
-            positions = quest_pages(queries[t, h], k[:length], length, page, budget // page)
+            positions = quest_pages(queries[t, h], k[:length], length, page, budget)
             expected = masked_attention(queries[t, h], keys[0, h // g], v, positions, scale)
             np.testing.assert_allclose(out[h], expected, rtol=3e-5, atol=3e-5)
     held = cache.nbytes
@@ -108,7 +108,7 @@ def test_quest_reports_full_memory(tiny_models):
         (lambda: sagekv.SnapKV(16, window=32), "at least the window"),
         (lambda: sagekv.SnapKV(64, kernel=4), "kernel must be odd"),
         (lambda: sagekv.SnapKV(64, pooling="min"), "pooling must be"),
-        (lambda: sagekv.Quest(8, page=16), "at least one page"),
+        (lambda: sagekv.Quest(16, page=16), "at least two pages"),
         (lambda: sagekv.Quest(64, dense_layers=-1), "dense_layers must be >= 0"),
         (lambda: sagekv.SageKV(64, pool=4), "pool must be odd"),
         (lambda: sagekv.SageKV(64, follow=0), "follow must be >= 1"),
