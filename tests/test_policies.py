@@ -1,5 +1,6 @@
 """One matrix over every policy: selection against float64 references on numpy, MLX and torch
-inputs, end-to-end MLX vs torch parity, and Quest's decode against a plain reference."""
+inputs, end-to-end MLX vs torch parity, full attention's tokens at a budget that holds the whole
+prompt, and Quest's decode against a plain reference."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import sagekv
 from conftest import LIBRARIES, needs_mlx, needs_torch, to_library, to_numpy
 from reference import assert_valid_selection, masked_attention, policy_reference, quest_pages
 from sagekv.ops import ops_for
+from sagekv.policies import NAMED, make_policy
 from sagekv.tasks import generate
 from sagekv.cache import QuestKV
 
@@ -67,6 +69,26 @@ def test_mlx_and_torch_agree_end_to_end(tiny_models, policy):
     if x.kept_positions is not None:
         assert all(np.array_equal(a, b) for a, b in zip(x.kept_positions, y.kept_positions))
     assert x.stats.kept_kv_bytes == y.stats.kept_kv_bytes
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+@pytest.mark.parametrize("name", [name for name in NAMED if name != "full"])
+def test_budget_holding_the_prompt_gives_full_attention(tiny_models, backend, name):
+    """At the smallest budget that holds everything, and at a larger one, every named policy decodes
+    full attention's tokens. A policy that selects once after prefill holds everything from n - 1
+    (it keeps budget + the last prompt token); Quest's budget caps what one step reads of a context
+    that grows while decoding, so it needs n + tokens - 1, the context of the last step."""
+    tokens = 12
+    model = tiny_models("llama", backend)
+    ids = model.encode(generate("single_needle", 400, seed=0).prompt)
+    n = len(ids)
+    tightest = n + tokens - 1 if name == "quest" else n - 1
+    prefilled = model.prefill(ids, make_policy(name, tightest).observed_queries)
+    full = model.decode(prefilled, sagekv.Full(), tokens).tokens
+    for budget in (tightest, 2 * n):
+        result = model.decode(prefilled, make_policy(name, budget), tokens)
+        assert result.tokens == full, budget
+        assert result.kept_positions is None, budget
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
