@@ -227,14 +227,15 @@ def two_part_attention(ops, q, shared_k, shared_v, selected_k, selected_v):
 class QuestKV(DecodeCache):
     """The full cache in pages of ``page`` tokens with each page's per-channel key min and max.
 
-    Each step, per query head, attends to the ``pages_per_step`` pages with the highest upper
-    bound of q.k plus the current page. The buffers grow by ``growth`` tokens when full.
+    Each step, per query head, attends to everything while it fits the ``budget``, else to the
+    current page and the ``budget // page - 1`` other pages with the highest upper bound of q.k.
+    The buffers grow by ``growth`` tokens when full.
     """
 
     held = ("keys", "values", "page_min", "page_max")
 
     def __init__(self, ops, policy, keys, values):
-        self.ops, self.page, self.pages_per_step = ops, policy.page, policy.budget // policy.page
+        self.ops, self.page, self.budget = ops, policy.page, policy.budget
         self.length = keys.shape[2]
         self.keys, self.values = self.grown(keys, self.growth), self.grown(values, self.growth)
         pages = -(-self.length // self.page)
@@ -250,7 +251,6 @@ class QuestKV(DecodeCache):
     def page_growth(self) -> int:
         """Pages added per reallocation of the bounds."""
         return -(-self.growth // self.page)
-
 
     def append(self, key, value):
         if key.shape[2] != 1:
@@ -275,13 +275,13 @@ class QuestKV(DecodeCache):
         ops, t = self.ops, self.length
         _, hq, _, d = queries.shape
         hkv = self.keys.shape[1]
-        pages = -(-t // self.page)
-        if pages - 1 <= self.pages_per_step:  # every page fits the budget
+        if t <= self.budget:
             return ops.attention(queries, self.keys[:, :, :t], self.values[:, :, :t], scale)
+        pages = -(-t // self.page)
         q = ops.float32(queries.reshape(hkv, hq // hkv, 1, d))
         low, high = ops.float32(self.page_min[0, :, None, : pages - 1]), ops.float32(self.page_max[0, :, None, : pages - 1])
         bound = ops.xp.maximum(q * low, q * high).sum(axis=-1)  # [Hkv, G, pages-1]
-        chosen = ops.topk_indices(bound, self.pages_per_step)
+        chosen = ops.topk_indices(bound, self.budget // self.page - 1)  # the current page is the budget's last
         current = ops.full((*chosen.shape[:2], 1), pages - 1, like=chosen)
         chosen = ops.concat([chosen, current], axis=-1)  # [Hkv, G, P]
         offsets = ops.arange(0, self.page, like=chosen)
@@ -303,12 +303,12 @@ class QuestKV(DecodeCache):
 
     @property
     def meta(self) -> dict:
-        return {**super().meta, "page": self.page, "pages_per_step": self.pages_per_step}
+        return {**super().meta, "page": self.page, "budget": self.budget}
 
     @classmethod
     def from_state(cls, ops, arrays: dict, meta: dict):
         cache = super().from_state(ops, arrays, meta)
-        cache.page, cache.pages_per_step = meta["page"], meta["pages_per_step"]
+        cache.page, cache.budget = meta["page"], meta["budget"]
         return cache
 
 

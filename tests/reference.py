@@ -101,16 +101,17 @@ def masked_attention(query, keys, values, kept, scale):
     return (p / p.sum()) @ values[kept]
 
 
-def quest_pages(query, keys, length, page, pages_per_step):
-    """Quest's page choice for one query head: top upper bounds among full pages + current page."""
-    pages = -(-length // page)
-    if pages - 1 <= pages_per_step:
+def quest_pages(query, keys, length, page, budget):
+    """Quest's positions for one query head, as in its repository: all of them while they fit the
+    budget, else the top upper bounds among full pages plus the current page, budget // page pages."""
+    if length <= budget:
         return list(range(length))
+    pages = -(-length // page)
     bounds = []
     for p in range(pages - 1):
         chunk = keys[p * page : (p + 1) * page]
         bounds.append(np.maximum(query * chunk.min(0), query * chunk.max(0)).sum())
-    chosen = sorted(np.argsort(-np.array(bounds), kind="stable")[:pages_per_step]) + [pages - 1]
+    chosen = sorted(np.argsort(-np.array(bounds), kind="stable")[: budget // page - 1]) + [pages - 1]
     return [t for p in chosen for t in range(p * page, min((p + 1) * page, length))]
 
 

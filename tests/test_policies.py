@@ -1,5 +1,6 @@
 """One matrix over every policy: selection against float64 references on numpy, MLX and torch
-inputs, end-to-end MLX vs torch parity, and Quest's decode against a plain reference."""
+inputs, end-to-end MLX vs torch parity, full attention's tokens at a budget that holds the whole
+prompt, and Quest's decode against a plain reference."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import sagekv
 from conftest import LIBRARIES, needs_mlx, needs_torch, to_library, to_numpy
 from reference import assert_valid_selection, masked_attention, policy_reference, quest_pages
 from sagekv.ops import ops_for
+from sagekv.policies import NAMED, make_policy
 from sagekv.tasks import generate
 from sagekv.cache import QuestKV
 
@@ -69,8 +71,28 @@ def test_mlx_and_torch_agree_end_to_end(tiny_models, policy):
     assert x.stats.kept_kv_bytes == y.stats.kept_kv_bytes
 
 
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+@pytest.mark.parametrize("name", [name for name in NAMED if name != "full"])
+def test_budget_holding_the_prompt_gives_full_attention(tiny_models, backend, name):
+    """At the smallest budget that holds everything, and at a larger one, every named policy decodes
+    full attention's tokens. A policy that selects once after prefill holds everything from n - 1
+    (it keeps budget + the last prompt token); Quest's budget caps what one step reads of a context
+    that grows while decoding, so it needs n + tokens - 1, the context of the last step."""
+    tokens = 12
+    model = tiny_models("llama", backend)
+    ids = model.encode(generate("single_needle", 400, seed=0).prompt)
+    n = len(ids)
+    tightest = n + tokens - 1 if name == "quest" else n - 1
+    prefilled = model.prefill(ids, make_policy(name, tightest).observed_queries)
+    full = model.decode(prefilled, sagekv.Full(), tokens).tokens
+    for budget in (tightest, 2 * n):
+        result = model.decode(prefilled, make_policy(name, budget), tokens)
+        assert result.tokens == full, budget
+        assert result.kept_positions is None, budget
+
+
 @pytest.mark.parametrize("library", LIBRARIES)
-@pytest.mark.parametrize("page,budget,hq,hkv", [(8, 32, 8, 2), (4, 8, 7, 1), (16, 16, 4, 4)])
+@pytest.mark.parametrize("page,budget,hq,hkv", [(8, 32, 8, 2), (4, 8, 7, 1), (16, 32, 4, 4), (16, 100, 4, 4)])
 def test_quest_decode_matches_reference(library, page, budget, hq, hkv):
     rng = np.random.default_rng(page + budget)
     d, n, steps = 8, 70, 300  # crosses a reallocation of the page store
@@ -86,7 +108,7 @@ def test_quest_decode_matches_reference(library, page, budget, hq, hkv):
         out = to_numpy(cache.attend(as_lib(queries[t][None, :, None]), scale))[0, :, 0]
         for h in range(hq):
             k, v = keys[0, h // g].astype(np.float32).astype(np.float64), values[0, h // g]
-            positions = quest_pages(queries[t, h], k[:length], length, page, budget // page)
+            positions = quest_pages(queries[t, h], k[:length], length, page, budget)
             expected = masked_attention(queries[t, h], keys[0, h // g], v, positions, scale)
             np.testing.assert_allclose(out[h], expected, rtol=3e-5, atol=3e-5)
     held = cache.nbytes
@@ -108,7 +130,7 @@ def test_quest_reports_full_memory(tiny_models):
         (lambda: sagekv.SnapKV(16, window=32), "at least the window"),
         (lambda: sagekv.SnapKV(64, kernel=4), "kernel must be odd"),
         (lambda: sagekv.SnapKV(64, pooling="min"), "pooling must be"),
-        (lambda: sagekv.Quest(8, page=16), "at least one page"),
+        (lambda: sagekv.Quest(16, page=16), "at least two pages"),
         (lambda: sagekv.Quest(64, dense_layers=-1), "dense_layers must be >= 0"),
         (lambda: sagekv.SageKV(64, pool=4), "pool must be odd"),
         (lambda: sagekv.SageKV(64, follow=0), "follow must be >= 1"),

@@ -11,9 +11,10 @@ from .base import Layout, Policy, check_int
 
 @dataclass(frozen=True)
 class Quest(Policy):
-    """Nothing is evicted; each decode step, per query head, attends to the ``budget // page``
-    pages with the highest upper bound of q.k (from per-page, per-channel key min/max) plus
-    the current page. The first ``dense_layers`` layers attend to everything.
+    """Nothing is evicted; each decode step, per query head, attends to ``budget // page`` pages:
+    the current one and those with the highest upper bound of q.k (from per-page, per-channel key
+    min/max), or to everything while it fits the budget. The first ``dense_layers`` layers attend
+    to everything.
 
     It saves attention reads, not memory: the full cache and the page metadata stay, and
     ``kept_kv_bytes`` reports both. Defaults: the Quest repository's.
@@ -28,8 +29,8 @@ class Quest(Policy):
         check_int("budget", self.budget, 1)
         check_int("page", self.page, 1)
         check_int("dense_layers", self.dense_layers, 0)
-        if self.budget < self.page:
-            raise SageKVError(f"budget ({self.budget}) must be at least one page ({self.page})")
+        if self.budget < 2 * self.page:  # the current page and one chosen
+            raise SageKVError(f"budget ({self.budget}) must be at least two pages ({2 * self.page})")
 
     def layout(self, n: int, q_heads: int, kv_heads: int) -> Layout:
         return self.shared_layout(n, q_heads, kv_heads, 0, 0, n)
