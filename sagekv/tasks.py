@@ -1,9 +1,10 @@
-"""RULER-style synthetic long-context tasks for a byte-level retrieval model.
+"""RULER-style synthetic long-context tasks, made for a byte-level retrieval model.
 
-Every prompt is ASCII, so its length in tokens is its length in UTF-8 bytes.
-``generate(task, length, seed)`` returns a :class:`Sample` whose prompt is
-within 3% of ``length`` bytes and ends with an answer prefix that repeats the
-wording of the retrieved fact, so that the answer can be learned as a copy.
+Every prompt is ASCII, so for the byte-level reference model its length in
+tokens is its length in UTF-8 bytes (plus <s>). ``generate(task, length, seed,
+haystack)`` returns a :class:`Sample` whose prompt is within 3% of ``length``
+bytes and ends with an answer prefix that repeats the wording of the retrieved
+fact, so that the answer can be learned as a copy.
 
 Tasks (answer prefix shown after "->"):
 
@@ -38,8 +39,31 @@ lookups in one step); the 12M-parameter reference model scored 0.42-0.45 and
 0.15-0.45 on them after 31.5 minutes of training, while every written-out
 lookup task scored 0.85 or more.
 
-The haystack is generated per sample from templates over invented syllable
-words; it contains no digits (numbers are spelled out) and no hyphens, so the
+Haystacks (``HAYSTACKS``; needles, facts and questions are the same in both):
+
+- ``syllable`` (the default, what the reference model was trained on): generated
+  per sample from templates over invented syllable words.
+- ``pydoc``: real English, the prose of the Python documentation that every
+  CPython carries (``pydoc_data.topics``, about 465 KB). ``pydoc_sentences()``
+  keeps the sentences of its topics, in sorted topic order, that look like
+  prose: starting with a capital and ending with a period after a word, 30-300
+  bytes, quotes and parentheses balanced, and with no digits, "VAR", ``>>>``,
+  non-ASCII character or markup (``[]`|\\{}#~^``); emphasis stars are dropped,
+  typographic quotes made ASCII and hyphens made spaces ("built in"). About 190
+  KB remain (187-200 KB on CPython 3.10-3.13), enough for ~40K tokens of a BPE
+  tokenizer without a repeat. A
+  sample reads consecutive sentences, as a document flows, from a seed-chosen
+  sentence on, wrapping around at the end; the documents tasks' documents read
+  on from each other, under their own headers (only the syllable filler tells
+  about a document's subject). Invented words never equal a corpus word.
+  ``pydoc_data`` changes between CPython releases (patch releases too), so a
+  pydoc sample is reproducible on the same release only: the digest of the
+  cleaned sentences (``corpus_digest()``) seeds the sample's random source, so
+  another corpus gives other samples altogether, whose answers differ, and
+  ``sagekv eval`` refuses to add them to a results directory made with another
+  (the answers it holds no longer match).
+
+Neither haystack contains digits (numbers are spelled out) or hyphens, so the
 7-digit needle values and the hyphenated keys occur only in needles and
 questions. Every invented word, key and value is distinct within a sample. The shortest
 accepted lengths are in ``MIN_LENGTH`` (384 bytes for single_needle, else 512).
@@ -49,7 +73,8 @@ Seeds: ``EVAL_SEEDS = range(0, 1_000_000)`` and ``TRAIN_SEEDS = range(1_000_000,
 ``generate`` accepts any non-negative seed; the split is a convention for
 callers. Samples are identical on every machine and Python version: the random
 source is ``random.Random`` seeded with a string built from (task, length, seed)
-and only its ``random()`` method, whose sequence Python keeps stable, is used.
+and only its ``random()`` method, whose sequence Python keeps stable, is used
+(pydoc samples: on the same corpus, see above).
 
 Scoring (``score(sample, text)`` in [0, 1]): single-answer tasks score 1.0 iff
 the text, without leading whitespace, starts with ``sample.answer`` followed by
@@ -58,12 +83,16 @@ both facts, so both hops must be right); multi-answer tasks score the fraction
 of ``sample.answers`` found in the text as whole tokens.
 """
 
+import functools
+import hashlib
 import random
 import re
 from dataclasses import dataclass
 
 EVAL_SEEDS = range(0, 1_000_000)
 TRAIN_SEEDS = range(1_000_000, 2**31)
+DEFAULT_HAYSTACK = "syllable"
+HAYSTACKS = (DEFAULT_HAYSTACK, "pydoc")
 
 
 @dataclass(frozen=True)
@@ -76,6 +105,7 @@ class Sample:
     answers: tuple[str, ...]  # the items `score` looks for in the generation
     documents: tuple[str, ...]  # multi_doc tasks only: prompt == "".join(documents) + question
     question: str  # the prompt's suffix after the context, ending with the answer prefix
+    haystack: str = DEFAULT_HAYSTACK
 
 
 ONSETS = list("bdfgklmnprstvz") + ["br", "st", "tr", "sh"]
@@ -151,16 +181,60 @@ def _plural(noun: str) -> str:
     return noun + ("es" if noun.endswith(("s", "x", "sh")) else "s")
 
 
-class Source:
-    """Per-sample randomness and invented vocabulary; nothing invented repeats within a sample."""
+PYDOC_ASCII = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "*": None, "-": " "})
+PROSE = re.compile(r"[A-Z][ -~]{28,298}[a-z)\"]\.")  # printable ASCII, 30-300 bytes, ends after a word
+# Digits and VAR would fake facts; then markup, and "e.g." cut off from what it introduced.
+NOT_PROSE = re.compile(r"\d|VAR|>>>|[\[\]`|\\{}#~^]|\b(e\.g|i\.e)\.$")
 
-    def __init__(self, task: str, length: int, seed: int):
+
+@functools.cache
+def pydoc_sentences() -> tuple[str, ...]:
+    """The prose sentences of ``pydoc_data.topics``, cleaned as the module docstring says, each once."""
+    from pydoc_data.topics import topics
+
+    sentences = {}
+    for topic in sorted(topics):  # a dict's order is no promise; sorted is
+        for paragraph in topics[topic].split("\n\n"):
+            for sentence in re.split(r"(?<=\.) (?=[A-Z])", " ".join(paragraph.translate(PYDOC_ASCII).split())):
+                if (PROSE.fullmatch(sentence) and not NOT_PROSE.search(sentence) and sentence.count('"') % 2 == 0
+                        and sentence.count("(") == sentence.count(")")):
+                    sentences[sentence] = None
+    return tuple(sentences)
+
+
+@functools.cache
+def corpus_digest() -> str:
+    return hashlib.sha256("\n".join(pydoc_sentences()).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _pydoc_words() -> frozenset:
+    """Every word of the pydoc sentences as invented words and variables would spell it."""
+    words = set(re.findall(r"[A-Za-z]+", " ".join(pydoc_sentences())))
+    return frozenset(w.lower() for w in words) | frozenset(w.upper() for w in words)
+
+
+class Source:
+    """Per-sample randomness and invented vocabulary; nothing invented repeats within a sample.
+    With the pydoc haystack, also the corpus and the position of the next sentence to read."""
+
+    def __init__(self, task: str, length: int, seed: int, haystack: str = DEFAULT_HAYSTACK):
+        pydoc = haystack == "pydoc"
         # Only random() is guaranteed stable across Python versions, so all draws derive from it.
-        self._random = random.Random(f"sagekv.tasks:{task}:{length}:{seed}").random
-        self._taken = set(ENGLISH_WORDS)
+        key = f"sagekv.tasks:{task}:{length}:{seed}" + (f":pydoc:{corpus_digest()}" if pydoc else "")
+        self._random = random.Random(key).random
+        self._taken = set(ENGLISH_WORDS) | (_pydoc_words() if pydoc else set())
         self.nouns = [self.word() for _ in range(60)]
         self.places = [self.word().capitalize() for _ in range(20)]
         self.names = [self.word().capitalize() for _ in range(20)]
+        self.corpus = pydoc_sentences() if pydoc else ()
+        self._next = self.below(len(self.corpus)) if pydoc else 0
+
+    def read(self) -> str:
+        """The corpus's next sentence, from the first again after the last."""
+        sentence = self.corpus[self._next % len(self.corpus)]
+        self._next += 1
+        return sentence
 
     def below(self, n: int) -> int:
         return int(self._random() * n)
@@ -205,6 +279,8 @@ class Source:
 
 
 def _sentence(src: Source, subject: str = "") -> str:
+    if src.corpus:
+        return src.read()
     fillers = {
         "adj": lambda: src.choice(ADJECTIVES), "verb": lambda: src.choice(VERBS),
         "intrans": lambda: src.choice(INTRANSITIVE), "adv": lambda: src.choice(ADVERBS),
@@ -411,15 +487,17 @@ def _check_seed(seed) -> None:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
 
 
-def generate(task: str, length: int, seed: int) -> Sample:
+def generate(task: str, length: int, seed: int, haystack: str = DEFAULT_HAYSTACK) -> Sample:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    if haystack not in HAYSTACKS:
+        raise ValueError(f"unknown haystack {haystack!r}; valid haystacks: {', '.join(HAYSTACKS)}")
     if isinstance(length, bool) or not isinstance(length, int):
         raise ValueError(f"length must be an int number of bytes, got {length!r}")
     if length < MIN_LENGTH[task]:
         raise ValueError(f"length {length} is too small for task {task!r} (minimum {MIN_LENGTH[task]})")
     _check_seed(seed)
-    return Sample(task, length, seed, *TASKS[task](Source(task, length, seed), length))
+    return Sample(task, length, seed, *TASKS[task](Source(task, length, seed, haystack), length), haystack)
 
 
 def split_of(seed: int) -> str:
