@@ -52,9 +52,10 @@ class Case:
 
 
 def synthetic_cases(task: str, length: int, samples: int, seed: int, encode) -> list:
+    """Prompts of ``length`` tokens of ``encode`` (within 3%, :func:`sagekv.tasks.generate_in_tokens`)."""
     cases = []
     for s in range(seed, seed + samples):
-        sample = tasks.generate(task, length, s)
+        sample = tasks.generate_in_tokens(task, length, s, encode)
         budget = len(encode(sample.answer)) + 4
         decided = partial(answer_decided, sample.answer) if len(sample.answers) == 1 else None
         cases.append(Case(task, length, s, sample.prompt, sample.answer, budget,

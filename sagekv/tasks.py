@@ -4,7 +4,9 @@ Every prompt is ASCII, so for the byte-level reference model its length in
 tokens is its length in UTF-8 bytes (plus <s>). ``generate(task, length, seed,
 haystack)`` returns a :class:`Sample` whose prompt is within 3% of ``length``
 bytes and ends with an answer prefix that repeats the wording of the retrieved
-fact, so that the answer can be learned as a copy.
+fact, so that the answer can be learned as a copy. ``generate_in_tokens(task,
+length, seed, encode, haystack)`` fits a prompt to ``length`` tokens of another
+tokenizer (see its docstring).
 
 Tasks (answer prefix shown after "->"):
 
@@ -21,7 +23,8 @@ Tasks (answer prefix shown after "->"):
   answer traces its chain back to the value, in the statements' own words
   -> "Answer: VAR KLMNO = VAR " then "FGHIJ = VAR ABCDE = 4831907" (five
   hops for a chain of five). Each hop is a lookup of the name just written.
-- ``multi_doc_qa``: one document per ~400 bytes, at least three ("Document 3:\\n
+- ``multi_doc_qa``: one document per ~400 bytes (tokens, fitted to a tokenizer)
+  of the requested length, at least three ("Document 3:\\n
   About the Velmora guild\\n<sentences with one fact>\\n\\n"), each with one fact
   (founder, city, leader or flagship) about its own organization; one is asked
   -> "Answer: The founder of the Velmora guild is "
@@ -89,16 +92,19 @@ import random
 import re
 from dataclasses import dataclass
 
+from .errors import SageKVError
+
 EVAL_SEEDS = range(0, 1_000_000)
 TRAIN_SEEDS = range(1_000_000, 2**31)
 DEFAULT_HAYSTACK = "syllable"
 HAYSTACKS = (DEFAULT_HAYSTACK, "pydoc")
+TOLERANCE = 0.03  # of the requested length, bytes or tokens
 
 
 @dataclass(frozen=True)
 class Sample:
     task: str
-    length: int  # requested prompt length in bytes; the prompt is within 3% of it
+    length: int  # requested prompt length in bytes (generate_in_tokens: tokens); the prompt is within 3% of it
     seed: int
     prompt: str
     answer: str  # exactly what the model should write right after the prompt
@@ -220,6 +226,7 @@ class Source:
 
     def __init__(self, task: str, length: int, seed: int, haystack: str = DEFAULT_HAYSTACK):
         pydoc = haystack == "pydoc"
+        self.length = length  # as requested, whatever the prompt's size: it sets the number of documents
         # Only random() is guaranteed stable across Python versions, so all draws derive from it.
         key = f"sagekv.tasks:{task}:{length}:{seed}" + (f":pydoc:{corpus_digest()}" if pydoc else "")
         self._random = random.Random(key).random
@@ -425,7 +432,7 @@ def _doc_question(question: str, prefix: str) -> str:
 
 def multi_doc_qa(src: Source, length: int) -> Parts:
     facts, questions = [], []
-    for _ in range(max(3, length // DOC_BYTES)):
+    for _ in range(max(3, src.length // DOC_BYTES)):
         entity = src.organization()
         fact, question, kind = src.choice(ORG_FACTS)
         value = src.person() if kind == "person" else src.word().capitalize()
@@ -439,7 +446,7 @@ def multi_doc_qa(src: Source, length: int) -> Parts:
 
 
 def multi_doc_qa_2hop(src: Source, length: int) -> Parts:
-    count = max(3, length // DOC_BYTES)
+    count = max(3, src.length // DOC_BYTES)
     chains = [(src.person(), src.organization(), src.word().capitalize()) for _ in range((count + 1) // 2)]
     pairs = [[(person, f"{person} works for {organization}."),
               (organization, f"{_capitalize(organization)} is based in the city of {city}.")]
@@ -488,16 +495,57 @@ def _check_seed(seed) -> None:
 
 
 def generate(task: str, length: int, seed: int, haystack: str = DEFAULT_HAYSTACK) -> Sample:
+    _check(task, length, seed, haystack)
+    return _sized(task, length, seed, haystack, length)
+
+
+def _check(task: str, length: int, seed: int, haystack: str) -> None:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     if haystack not in HAYSTACKS:
         raise ValueError(f"unknown haystack {haystack!r}; valid haystacks: {', '.join(HAYSTACKS)}")
     if isinstance(length, bool) or not isinstance(length, int):
-        raise ValueError(f"length must be an int number of bytes, got {length!r}")
+        raise ValueError(f"length must be an int, got {length!r}")
     if length < MIN_LENGTH[task]:
         raise ValueError(f"length {length} is too small for task {task!r} (minimum {MIN_LENGTH[task]})")
     _check_seed(seed)
-    return Sample(task, length, seed, *TASKS[task](Source(task, length, seed, haystack), length), haystack)
+
+
+def _sized(task: str, length: int, seed: int, haystack: str, size: int) -> Sample:
+    """The sample of (task, length, seed, haystack) made to a prompt of about ``size`` bytes."""
+    return Sample(task, length, seed, *TASKS[task](Source(task, length, seed, haystack), size), haystack)
+
+
+FIT_TRIES = 16
+
+
+def generate_in_tokens(task: str, length: int, seed: int, encode, haystack: str = DEFAULT_HAYSTACK) -> Sample:
+    """A sample whose prompt is within 3% of ``length`` tokens of ``encode`` (text -> token ids).
+
+    The first try is ``generate``'s sample, ``length`` bytes, kept when it fits: for the byte-level
+    reference model it does (``generate`` lands within a few bytes), so its samples stay. Otherwise the same sample (the same random draws: needles,
+    questions and the filler's sentences in order; the number of documents) is made again to a
+    prompt size in bytes rescaled by the tokens counted, until it fits; bisected between the largest
+    size found too short and the smallest found too long where rescaling steps outside them (the
+    count can jump where a dense sentence comes in). The sample's ``length`` is ``length``, now in
+    tokens.
+    """
+    _check(task, length, seed, haystack)
+    size, short, long = length, MIN_LENGTH[task], None
+    for _ in range(FIT_TRIES):
+        sample = _sized(task, length, seed, haystack, size)
+        tokens = len(encode(sample.prompt))
+        if abs(tokens - length) <= TOLERANCE * length:
+            return sample
+        if tokens < length:
+            short = max(short, size)
+        else:
+            long = size if long is None else min(long, size)
+        size = round(size * length / tokens)
+        if long is not None and not short < size < long:  # overshot a jump in the count
+            size = (short + long) // 2
+    raise SageKVError(f"cannot fit a {task} prompt (seed {seed}) to within {TOLERANCE:.0%} of {length} tokens "
+                      f"(the last try had {tokens} tokens)")
 
 
 def split_of(seed: int) -> str:

@@ -3,8 +3,10 @@ import re
 
 import pytest
 
+from conftest import byte_tokens, word_tokens
+from sagekv.errors import SageKVError
 from sagekv.tasks import (DOC_BYTES, DOCUMENT_TASKS, EVAL_SEEDS, HAYSTACKS, MIN_LENGTH, TASKS, TRAIN_SEEDS, documents_of, generate,
-                          pydoc_sentences, score, split_of)
+                          generate_in_tokens, pydoc_sentences, score, split_of)
 
 LENGTHS = [512, 1024, 2048, 4096, 8192]
 SEEDS = [0, 17, 1_000_003]
@@ -247,6 +249,43 @@ def test_pydoc_samples_read_on_through_the_corpus_without_repeats():
         assert steps.count(1) > 0.9 * len(steps)  # but at the end, where sentences too long are passed over
     starts = {generate("single_needle", 1024, seed, "pydoc").prompt.split("\n\n")[1][:80] for seed in range(10)}
     assert len(starts) == 10
+
+
+def test_byte_tokens_are_the_reference_tokenizer():
+    pytest.importorskip("transformers")
+    from sagekv.checkpoints import byte_tokenizer
+
+    prompt = generate("multi_key", 1024, 0, "pydoc").prompt
+    assert byte_tokenizer().encode(prompt) == byte_tokens(prompt)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_fitting_to_byte_tokens_keeps_every_sample(task, haystack):
+    """The samples of stored results on the reference model stay the same."""
+    for length in sorted({MIN_LENGTH[task], 512, 1024, 2048, 4096, 8192}):
+        for seed in range(20):
+            assert generate_in_tokens(task, length, seed, byte_tokens, haystack) == generate(task, length, seed, haystack)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_prompts_fitted_to_another_tokenizer(task, haystack):
+    for length in (MIN_LENGTH[task], 2048, 8192):
+        for seed in SEEDS:
+            sample = generate_in_tokens(task, length, seed, word_tokens, haystack)
+            assert abs(len(word_tokens(sample.prompt)) - length) <= 0.03 * length
+            assert len(sample.prompt) > 3 * length and sample.length == length
+            as_bytes = generate(task, length, seed, haystack)  # the same draws, made longer
+            assert (sample.answer, sample.question, len(sample.documents)) == (as_bytes.answer, as_bytes.question,
+                                                                                len(as_bytes.documents))
+            assert "".join(documents_of(sample)) + sample.question == sample.prompt
+    assert generate_in_tokens(task, 2048, 5, word_tokens, haystack) == generate_in_tokens(task, 2048, 5, word_tokens, haystack)
+
+
+def test_a_prompt_that_cannot_fit_is_refused():
+    with pytest.raises(SageKVError, match=r"^cannot fit a single_needle prompt \(seed 2\) to within 3% of 1024 tokens \("):
+        generate_in_tokens("single_needle", 1024, 2, lambda text: [0] * 5000)
+    with pytest.raises(ValueError, match="unknown haystack"):
+        generate_in_tokens("single_needle", 1024, 2, word_tokens, "prose")
 
 
 @pytest.mark.parametrize(
