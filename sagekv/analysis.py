@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Optional
 
+from .evaluate import task_label
 from .policies import NAMED
 
 VARIANTS = [name for name in NAMED if name.startswith("sagekv")]  # "sagekv" itself is the paper's setting
@@ -15,9 +16,10 @@ SOLVED_SCORE = 0.8  # full attention at or above this at every length: a task wh
 
 
 def task_mean(metrics: list, policy: str, budget: Optional[int], length: int) -> Optional[float]:
-    """Mean accuracy over the tasks evaluated at ``length``; None unless every task has the cell."""
-    tasks = {m["task"] for m in metrics if m["length"] == length}
-    cells = {m["task"]: m["accuracy"] for m in metrics
+    """Mean accuracy over the tasks evaluated at ``length`` (a task on another haystack counts as
+    another task); None unless every task has the cell."""
+    tasks = {task_label(m) for m in metrics if m["length"] == length}
+    cells = {task_label(m): m["accuracy"] for m in metrics
              if m["length"] == length and m["policy"] == policy and m["budget"] == budget}
     if not tasks or set(cells) != tasks:
         return None
@@ -72,8 +74,8 @@ def best_variant(metrics: list, variants: list) -> tuple:
 
 def solved_tasks(metrics: list, threshold: float = SOLVED_SCORE) -> list:
     """Tasks on which full attention reaches ``threshold`` at every length: where eviction can be judged."""
-    tasks = dict.fromkeys(m["task"] for m in metrics)
-    return [t for t in tasks if all(m["accuracy"] >= threshold for m in metrics if m["task"] == t and m["policy"] == "full")]
+    tasks = dict.fromkeys(task_label(m) for m in metrics)
+    return [t for t in tasks if all(m["accuracy"] >= threshold for m in metrics if task_label(m) == t and m["policy"] == "full")]
 
 
 def comparisons_markdown(metrics: list, level: int = 2) -> str:

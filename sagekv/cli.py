@@ -13,6 +13,7 @@ from .generate import DTYPES, load
 from .policies import DEFAULT_POLICY, NAMED, make_policy
 from .rag import METHODS, make_method, prompt_ids, rag_ids
 from .store import DocumentStore
+from .tasks import DEFAULT_HAYSTACK, HAYSTACKS
 
 
 @click.group()
@@ -204,13 +205,17 @@ DEFAULT_POLICIES = f"full,sagekv,{DEFAULT_POLICY},streaming,snapkv,quest"
 @click.option("--methods", default=None, help=f"RAG methods over stored documents, from: {', '.join(METHODS)} "
               "(a task without documents has its context cut into documents).")
 @click.option("--budgets", default="64,128,256,512,1024,2048", show_default=True, help="KV entries per KV head.")
+@click.option("--haystack", type=click.Choice(HAYSTACKS), default=DEFAULT_HAYSTACK, show_default=True,
+              help="The synthetic tasks' filler: invented syllable words (the reference model's) or sentences of "
+              "Python's documentation (pydoc_data).")
 @click.option("--samples", type=int, default=20, show_default=True, help="Samples per task and length.")
 @click.option("--seed", type=int, default=0, show_default=True, help="First evaluation seed.")
 @click.option("--out", required=True, help="Results directory (re-running skips cells already done).")
 @click.option("--device", default=None)
 @click.option("--dtype", type=click.Choice(DTYPES), default=None)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_command(backend, model_path, task_list, lengths, policies, methods, budgets, samples, seed, out, device, dtype, quiet):
+def eval_command(backend, model_path, task_list, lengths, policies, methods, budgets, haystack, samples, seed, out, device, dtype,
+                 quiet):
     """Accuracy against KV budget for several policies, tasks and lengths; and RAG methods over stored documents."""
     from .evaluate import POLICY_PLOT, RAG_PLOT, cells, check_tasks, evaluate, parse_list, rag_cells, split_cells
     from .tasks import EVAL_SEEDS
@@ -233,7 +238,7 @@ def eval_command(backend, model_path, task_list, lengths, policies, methods, bud
     rag_cells(method_names)
     model = load(model_path, backend=backend, device=device, dtype=dtype)
     metrics = evaluate(model, task_specs, length_list, policy_names, budget_list, samples, seed, out, progress=not quiet,
-                       methods=method_names)
+                       methods=method_names, haystack=haystack)
     plots = [name for name, cells_of_kind in zip((POLICY_PLOT, RAG_PLOT), split_cells(metrics)) if cells_of_kind]
     click.echo(f"{len(metrics)} cells written to {out}/ (metrics.json, predictions.jsonl, summary.md, {', '.join(plots)})")
 

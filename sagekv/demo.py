@@ -30,7 +30,7 @@ class Example:
 
 
 def run_example(model, policy, max_tokens: int = 16) -> Example:
-    sample = tasks.generate(TASK, LENGTH, SEED)
+    sample = tasks.generate_in_tokens(TASK, LENGTH, SEED, model.encode)
     ids = model.encode(sample.prompt)
     prefilled = model.prefill(ids, policy.observed_queries)
     full = model.decode(prefilled, Full(), max_tokens)

@@ -30,8 +30,9 @@ from .store import MemoryStore
 
 AS_GIVEN = 0  # the "length" of LongBench samples: one cell per dataset, whatever each prompt's length
 STAT_FIELDS = ("prefill_s", "select_s", "decode_s", "decode_tokens_per_s", "full_kv_bytes", "kept_kv_bytes")
-KEY_FIELDS = ("task", "length", "seed", "policy", "budget", "method")  # a record's cell and sample
+KEY_FIELDS = ("task", "length", "haystack", "seed", "policy", "budget", "method")  # a record's cell and sample
 CELL_FIELDS = tuple(field for field in KEY_FIELDS if field != "seed")
+SAMPLE_FIELDS = KEY_FIELDS[:4]  # a record's sample
 POLICY_PLOT, RAG_PLOT = "accuracy_vs_budget.png", "rag_score_vs_ttft.png"
 
 
@@ -49,16 +50,20 @@ class Case:
     documents: tuple = ()
     question: str = ""
     """With documents: ``prompt == "".join(documents) + question``."""
+    haystack: Optional[str] = None
+    """Synthetic tasks: the haystack's kind (:data:`sagekv.tasks.HAYSTACKS`)."""
 
 
-def synthetic_cases(task: str, length: int, samples: int, seed: int, encode) -> list:
+def synthetic_cases(task: str, length: int, samples: int, seed: int, encode,
+                    haystack: str = tasks.DEFAULT_HAYSTACK) -> list:
+    """Prompts of ``length`` tokens of ``encode`` (within 3%, :func:`sagekv.tasks.generate_in_tokens`)."""
     cases = []
     for s in range(seed, seed + samples):
-        sample = tasks.generate(task, length, s)
+        sample = tasks.generate_in_tokens(task, length, s, encode, haystack)
         budget = len(encode(sample.answer)) + 4
         decided = partial(answer_decided, sample.answer) if len(sample.answers) == 1 else None
-        cases.append(Case(task, length, s, sample.prompt, sample.answer, budget,
-                          lambda text, x=sample: tasks.score(x, text), decided, tasks.documents_of(sample), sample.question))
+        cases.append(Case(task, length, s, sample.prompt, sample.answer, budget, lambda text, x=sample: tasks.score(x, text),
+                          decided, tasks.documents_of(sample), sample.question, haystack))
     return cases
 
 
@@ -124,22 +129,24 @@ def rag_cells(methods: list) -> list:
 
 
 def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: list, samples: int, seed: int, out: str,
-             progress: bool = True, methods: list = ()) -> list:
+             progress: bool = True, methods: list = (), haystack: str = tasks.DEFAULT_HAYSTACK) -> list:
     """Run the grid, append to ``out/predictions.jsonl``, write the summaries; returns metrics.
 
     ``methods``: RAG methods (:data:`sagekv.rag.METHODS`) run on every sample too; every task must
-    have documents."""
+    have documents. ``haystack``: the synthetic tasks' filler (:data:`sagekv.tasks.HAYSTACKS`)."""
     grid = cells(policies, budgets) + rag_cells(methods)
     if not grid:
         raise SageKVError("nothing to evaluate: no policies and no RAG methods")
     check_tasks(task_specs, lengths)
+    if haystack not in tasks.HAYSTACKS:
+        raise SageKVError(f"unknown haystack {haystack!r} (choose from: {', '.join(tasks.HAYSTACKS)})")
     cases = []
     for spec in task_specs:
         if spec.startswith("longbench:"):
             cases += longbench_cases(spec.split(":", 1)[1], samples, documents=bool(methods))
         else:
             for length in lengths:
-                cases += synthetic_cases(spec, length, samples, seed, model.encode)
+                cases += synthetic_cases(spec, length, samples, seed, model.encode, haystack)
 
     os.makedirs(out, exist_ok=True)
     check_run(out, model)
@@ -207,13 +214,20 @@ def check_tasks(task_specs: list, lengths: list) -> None:
             raise SageKVError(f"length {too_short[0]} is below {spec}'s minimum of {tasks.MIN_LENGTH[spec]} tokens")
 
 
+def sample_of(case: Case) -> dict:
+    """The fields that name the case's sample (a LongBench case has no haystack)."""
+    haystack = {} if case.haystack is None else {"haystack": case.haystack}
+    return {"task": case.task, "length": case.length, **haystack, "seed": case.seed}
+
+
 def key_of(case: Case, cell) -> dict:
-    return {"task": case.task, "length": case.length, "seed": case.seed, **cell.key}
+    return {**sample_of(case), **cell.key}
 
 
-def record_key(record: dict) -> tuple:
-    """The fields a record lacks (a policy record's method, a RAG record's policy and budget) count as None."""
-    return tuple(record.get(k) for k in KEY_FIELDS)
+def record_key(record: dict, fields: tuple = KEY_FIELDS) -> tuple:
+    """The fields a record lacks (a policy record's method, a RAG record's policy and budget) count as None;
+    its haystack, lacking (records made before there was a choice, LongBench's), as the default one."""
+    return tuple(record.get(k, tasks.DEFAULT_HAYSTACK if k == "haystack" else None) for k in fields)
 
 
 def ends_with_newline(path: str) -> bool:
@@ -252,9 +266,9 @@ def check_run(out: str, model) -> None:
 
 def check_answers(path: str, records: list, cases: list) -> None:
     """Records whose sample now has another answer were made by an older task generator or data file."""
-    expected = {(case.task, case.length, case.seed): case.answer for case in cases}
+    expected = {record_key(sample_of(case), SAMPLE_FIELDS): case.answer for case in cases}
     for r in records:
-        if expected.get((r["task"], r["length"], r["seed"]), r["answer"]) != r["answer"]:
+        if expected.get(record_key(r, SAMPLE_FIELDS), r["answer"]) != r["answer"]:
             raise SageKVError(f"{path} holds predictions for other {r['task']} samples (seed {r['seed']} now has "
                               f"another answer: the tasks or the data changed); use another --out")
 
@@ -268,13 +282,14 @@ RAG_STATS = {"kept_fraction": mean, "ttft_s": statistics.median, "kv_bytes": mea
 
 
 def summarize(records: list) -> list:
-    """One cell per (task, length, policy, budget) or (task, length, method): n, accuracy and its stats."""
+    """One cell per (task, length, haystack, policy, budget) or (task, length, haystack, method): n, accuracy
+    and its stats. A cell names its haystack only where it is not the default."""
     groups = defaultdict(list)
     for r in records:
-        groups[tuple(r.get(k) for k in CELL_FIELDS)].append(r)
+        groups[record_key(r, CELL_FIELDS)].append(r)
     metrics = []
     for rs in groups.values():
-        cell = {k: rs[0][k] for k in CELL_FIELDS if k in rs[0]}
+        cell = {k: rs[0][k] for k in CELL_FIELDS if k in rs[0] and (k, rs[0][k]) != ("haystack", tasks.DEFAULT_HAYSTACK)}
         cell.update(n=len(rs), accuracy=mean([r["score"] for r in rs]))
         stats = RAG_STATS if "method" in cell else POLICY_STATS
         cell.update({field: stat([r[field] for r in rs]) for field, stat in stats.items()})
@@ -282,11 +297,17 @@ def summarize(records: list) -> list:
     return sorted(metrics, key=cell_order)
 
 
+def task_label(cell: dict) -> str:
+    """The cell's task as summaries name it: with its haystack where that is not the default."""
+    return f"{cell['task']} ({cell['haystack']} haystack)" if "haystack" in cell else cell["task"]
+
+
 def cell_order(cell: dict) -> tuple:
-    """Policy cells by task, length, policy and budget; then RAG cells by task, length and method in METHODS' order."""
+    """Policy cells by task (and haystack), length, policy and budget; then RAG cells by task, length and
+    method in METHODS' order."""
     if "method" in cell:
-        return 1, cell["task"], cell["length"], list(METHODS).index(cell["method"])
-    return 0, cell["task"], cell["length"], cell["policy"], cell["budget"] or 0
+        return 1, task_label(cell), cell["length"], list(METHODS).index(cell["method"])
+    return 0, task_label(cell), cell["length"], cell["policy"], cell["budget"] or 0
 
 
 def split_cells(metrics: list) -> tuple:
@@ -321,10 +342,10 @@ def summary_markdown(metrics: list, title: str) -> str:
     lengths = sorted({m["length"] for m in metrics})
     lines = [f"# Accuracy against KV budget: {title}", "",
              "Budget: KV entries kept per KV head (plus the last prompt token). Accuracy: mean task score.", ""]
-    for task in sorted({m["task"] for m in metrics}):
+    for task in sorted({task_label(m) for m in metrics}):
         rows = defaultdict(dict)
         for m in metrics:
-            if m["task"] == task:
+            if task_label(m) == task:
                 rows[(m["policy"], m["budget"])][m["length"]] = m
         lines += [f"## {task}", "", "| policy | budget | " + " | ".join(length_label(n) for n in lengths) + " | n |",
                   "|---|---|" + "---|" * len(lengths) + "---|"]
@@ -337,7 +358,7 @@ def summary_markdown(metrics: list, title: str) -> str:
               "| task | length | policy | budget | KV full MiB | KV kept MiB | prefill s | select ms | decode tok/s |",
               "|---|---|---|---|---|---|---|---|---|"]
     for m in metrics:
-        lines.append(f"| {m['task']} | {m['length']} | {m['policy']} | {m['budget'] if m['budget'] is not None else '-'} | "
+        lines.append(f"| {task_label(m)} | {m['length']} | {m['policy']} | {m['budget'] if m['budget'] is not None else '-'} | "
                      f"{m['full_kv_bytes'] / 2**20:.2f} | {m['kept_kv_bytes'] / 2**20:.2f} | {m['prefill_s']:.3f} | "
                      f"{m['select_s'] * 1e3:.2f} | {m['decode_tokens_per_s']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -353,18 +374,18 @@ def rag_markdown(metrics: list, heading: str) -> str:
              "| task | length | method | score | n | kept % | TTFT ms | TTFT % of full recompute | KV MiB | decode tok/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for m in metrics:
-        share = percent.get((m["task"], m["length"], m["method"]))
-        lines.append(f"| {m['task']} | {length_label(m['length'])} | {m['method']} | {m['accuracy']:.3f} | {m['n']} | "
+        share = percent.get((task_label(m), m["length"], m["method"]))
+        lines.append(f"| {task_label(m)} | {length_label(m['length'])} | {m['method']} | {m['accuracy']:.3f} | {m['n']} | "
                      f"{100 * m['kept_fraction']:.1f} | {m['ttft_s'] * 1e3:.1f} | {'-' if share is None else f'{share:.0f}'} | "
                      f"{m['kv_bytes'] / 2**20:.2f} | {m['decode_tokens_per_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def ttft_percent(metrics: list) -> dict:
-    """(task, length, method) -> TTFT as % of full_recompute's at that task and length, where it was run."""
-    full = {(m["task"], m["length"]): m["ttft_s"] for m in metrics if m["method"] == "full_recompute"}
-    return {(m["task"], m["length"], m["method"]): 100 * m["ttft_s"] / full[m["task"], m["length"]]
-            for m in metrics if (m["task"], m["length"]) in full}
+    """(task label, length, method) -> TTFT as % of full_recompute's at that task and length, where it was run."""
+    full = {(task_label(m), m["length"]): m["ttft_s"] for m in metrics if m["method"] == "full_recompute"}
+    return {(task_label(m), m["length"], m["method"]): 100 * m["ttft_s"] / full[task_label(m), m["length"]]
+            for m in metrics if (task_label(m), m["length"]) in full}
 
 
 def length_label(length: int) -> str:
@@ -390,12 +411,12 @@ def save_figure(fig, path: str) -> None:
 def plot(metrics: list, path: str) -> None:
     """One panel per task and length; one line per policy; full attention as a dashed line."""
     plt = pyplot()
-    panels = sorted({(m["task"], m["length"]) for m in metrics})
+    panels = sorted({(task_label(m), m["length"]) for m in metrics})
     columns = min(len(panels), 3)
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False)
     for ax, (task, length) in zip(axes.flat, panels):
-        cell = [m for m in metrics if m["task"] == task and m["length"] == length]
+        cell = [m for m in metrics if task_label(m) == task and m["length"] == length]
         for policy in sorted({m["policy"] for m in cell if m["policy"] != "full"}):
             points = sorted((m["budget"], m["accuracy"]) for m in cell if m["policy"] == policy)
             ax.plot([b for b, _ in points], [a for _, a in points], marker="o", label=policy)
@@ -425,12 +446,12 @@ def plot_rag(metrics: list, path: str) -> None:
     percent = ttft_percent(metrics)
     relative = len(percent) == len(metrics)
     colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(METHODS)}
-    shapes = dict(zip(sorted({(m["task"], m["length"]) for m in metrics}), itertools.cycle("osD^v<>ph*")))
+    shapes = dict(zip(sorted({(task_label(m), m["length"]) for m in metrics}), itertools.cycle("osD^v<>ph*")))
     largest = max(m["kv_bytes"] for m in metrics)
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for m in metrics:
-        x = percent[m["task"], m["length"], m["method"]] if relative else m["ttft_s"] * 1e3
-        ax.scatter(x, m["accuracy"], s=400 * m["kv_bytes"] / largest, marker=shapes[m["task"], m["length"]],
+        x = percent[task_label(m), m["length"], m["method"]] if relative else m["ttft_s"] * 1e3
+        ax.scatter(x, m["accuracy"], s=400 * m["kv_bytes"] / largest, marker=shapes[task_label(m), m["length"]],
                    color=colors[m["method"]], alpha=0.7, edgecolors="black", linewidths=0.5)
     handles = [Line2D([], [], linestyle="", marker="o", color=colors[name], label=name)
                for name in METHODS if any(m["method"] == name for m in metrics)]

@@ -1,9 +1,12 @@
-"""RULER-style synthetic long-context tasks for a byte-level retrieval model.
+"""RULER-style synthetic long-context tasks, made for a byte-level retrieval model.
 
-Every prompt is ASCII, so its length in tokens is its length in UTF-8 bytes.
-``generate(task, length, seed)`` returns a :class:`Sample` whose prompt is
-within 3% of ``length`` bytes and ends with an answer prefix that repeats the
-wording of the retrieved fact, so that the answer can be learned as a copy.
+Every prompt is ASCII, so for the byte-level reference model its length in
+tokens is its length in UTF-8 bytes (plus <s>). ``generate(task, length, seed,
+haystack)`` returns a :class:`Sample` whose prompt is within 3% of ``length``
+bytes and ends with an answer prefix that repeats the wording of the retrieved
+fact, so that the answer can be learned as a copy. ``generate_in_tokens(task,
+length, seed, encode, haystack)`` fits a prompt to ``length`` tokens of another
+tokenizer (see its docstring).
 
 Tasks (answer prefix shown after "->"):
 
@@ -20,7 +23,8 @@ Tasks (answer prefix shown after "->"):
   answer traces its chain back to the value, in the statements' own words
   -> "Answer: VAR KLMNO = VAR " then "FGHIJ = VAR ABCDE = 4831907" (five
   hops for a chain of five). Each hop is a lookup of the name just written.
-- ``multi_doc_qa``: one document per ~400 bytes, at least three ("Document 3:\\n
+- ``multi_doc_qa``: one document per ~400 bytes (tokens, fitted to a tokenizer)
+  of the requested length, at least three ("Document 3:\\n
   About the Velmora guild\\n<sentences with one fact>\\n\\n"), each with one fact
   (founder, city, leader or flagship) about its own organization; one is asked
   -> "Answer: The founder of the Velmora guild is "
@@ -38,8 +42,31 @@ lookups in one step); the 12M-parameter reference model scored 0.42-0.45 and
 0.15-0.45 on them after 31.5 minutes of training, while every written-out
 lookup task scored 0.85 or more.
 
-The haystack is generated per sample from templates over invented syllable
-words; it contains no digits (numbers are spelled out) and no hyphens, so the
+Haystacks (``HAYSTACKS``; needles, facts and questions are the same in both):
+
+- ``syllable`` (the default, what the reference model was trained on): generated
+  per sample from templates over invented syllable words.
+- ``pydoc``: real English, the prose of the Python documentation that every
+  CPython carries (``pydoc_data.topics``, about 465 KB). ``pydoc_sentences()``
+  keeps the sentences of its topics, in sorted topic order, that look like
+  prose: starting with a capital and ending with a period after a word, 30-300
+  bytes, quotes and parentheses balanced, and with no digits, "VAR", ``>>>``,
+  non-ASCII character or markup (``[]`|\\{}#~^``); emphasis stars are dropped,
+  typographic quotes made ASCII and hyphens made spaces ("built in"). About 190
+  KB remain (187-200 KB on CPython 3.10-3.13), enough for ~40K tokens of a BPE
+  tokenizer without a repeat. A
+  sample reads consecutive sentences, as a document flows, from a seed-chosen
+  sentence on, wrapping around at the end; the documents tasks' documents read
+  on from each other, under their own headers (only the syllable filler tells
+  about a document's subject). Invented words never equal a corpus word.
+  ``pydoc_data`` changes between CPython releases (patch releases too), so a
+  pydoc sample is reproducible on the same release only: the digest of the
+  cleaned sentences (``corpus_digest()``) seeds the sample's random source, so
+  another corpus gives other samples altogether, whose answers differ, and
+  ``sagekv eval`` refuses to add them to a results directory made with another
+  (the answers it holds no longer match).
+
+Neither haystack contains digits (numbers are spelled out) or hyphens, so the
 7-digit needle values and the hyphenated keys occur only in needles and
 questions. Every invented word, key and value is distinct within a sample. The shortest
 accepted lengths are in ``MIN_LENGTH`` (384 bytes for single_needle, else 512).
@@ -49,7 +76,8 @@ Seeds: ``EVAL_SEEDS = range(0, 1_000_000)`` and ``TRAIN_SEEDS = range(1_000_000,
 ``generate`` accepts any non-negative seed; the split is a convention for
 callers. Samples are identical on every machine and Python version: the random
 source is ``random.Random`` seeded with a string built from (task, length, seed)
-and only its ``random()`` method, whose sequence Python keeps stable, is used.
+and only its ``random()`` method, whose sequence Python keeps stable, is used
+(pydoc samples: on the same corpus, see above).
 
 Scoring (``score(sample, text)`` in [0, 1]): single-answer tasks score 1.0 iff
 the text, without leading whitespace, starts with ``sample.answer`` followed by
@@ -58,24 +86,32 @@ both facts, so both hops must be right); multi-answer tasks score the fraction
 of ``sample.answers`` found in the text as whole tokens.
 """
 
+import functools
+import hashlib
 import random
 import re
 from dataclasses import dataclass
 
+from .errors import SageKVError
+
 EVAL_SEEDS = range(0, 1_000_000)
 TRAIN_SEEDS = range(1_000_000, 2**31)
+DEFAULT_HAYSTACK = "syllable"
+HAYSTACKS = (DEFAULT_HAYSTACK, "pydoc")
+TOLERANCE = 0.03  # of the requested length, bytes or tokens
 
 
 @dataclass(frozen=True)
 class Sample:
     task: str
-    length: int  # requested prompt length in bytes; the prompt is within 3% of it
+    length: int  # requested prompt length in bytes (generate_in_tokens: tokens); the prompt is within 3% of it
     seed: int
     prompt: str
     answer: str  # exactly what the model should write right after the prompt
     answers: tuple[str, ...]  # the items `score` looks for in the generation
     documents: tuple[str, ...]  # multi_doc tasks only: prompt == "".join(documents) + question
     question: str  # the prompt's suffix after the context, ending with the answer prefix
+    haystack: str = DEFAULT_HAYSTACK
 
 
 ONSETS = list("bdfgklmnprstvz") + ["br", "st", "tr", "sh"]
@@ -151,16 +187,61 @@ def _plural(noun: str) -> str:
     return noun + ("es" if noun.endswith(("s", "x", "sh")) else "s")
 
 
-class Source:
-    """Per-sample randomness and invented vocabulary; nothing invented repeats within a sample."""
+PYDOC_ASCII = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "*": None, "-": " "})
+PROSE = re.compile(r"[A-Z][ -~]{28,298}[a-z)\"]\.")  # printable ASCII, 30-300 bytes, ends after a word
+# Digits and VAR would fake facts; then markup, and "e.g." cut off from what it introduced.
+NOT_PROSE = re.compile(r"\d|VAR|>>>|[\[\]`|\\{}#~^]|\b(e\.g|i\.e)\.$")
 
-    def __init__(self, task: str, length: int, seed: int):
+
+@functools.cache
+def pydoc_sentences() -> tuple[str, ...]:
+    """The prose sentences of ``pydoc_data.topics``, cleaned as the module docstring says, each once."""
+    from pydoc_data.topics import topics
+
+    sentences = {}
+    for topic in sorted(topics):  # a dict's order is no promise; sorted is
+        for paragraph in topics[topic].split("\n\n"):
+            for sentence in re.split(r"(?<=\.) (?=[A-Z])", " ".join(paragraph.translate(PYDOC_ASCII).split())):
+                if (PROSE.fullmatch(sentence) and not NOT_PROSE.search(sentence) and sentence.count('"') % 2 == 0
+                        and sentence.count("(") == sentence.count(")")):
+                    sentences[sentence] = None
+    return tuple(sentences)
+
+
+@functools.cache
+def corpus_digest() -> str:
+    return hashlib.sha256("\n".join(pydoc_sentences()).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _pydoc_words() -> frozenset:
+    """Every word of the pydoc sentences as invented words and variables would spell it."""
+    words = set(re.findall(r"[A-Za-z]+", " ".join(pydoc_sentences())))
+    return frozenset(w.lower() for w in words) | frozenset(w.upper() for w in words)
+
+
+class Source:
+    """Per-sample randomness and invented vocabulary; nothing invented repeats within a sample.
+    With the pydoc haystack, also the corpus and the position of the next sentence to read."""
+
+    def __init__(self, task: str, length: int, seed: int, haystack: str = DEFAULT_HAYSTACK):
+        pydoc = haystack == "pydoc"
+        self.length = length  # as requested, whatever the prompt's size: it sets the number of documents
         # Only random() is guaranteed stable across Python versions, so all draws derive from it.
-        self._random = random.Random(f"sagekv.tasks:{task}:{length}:{seed}").random
-        self._taken = set(ENGLISH_WORDS)
+        key = f"sagekv.tasks:{task}:{length}:{seed}" + (f":pydoc:{corpus_digest()}" if pydoc else "")
+        self._random = random.Random(key).random
+        self._taken = set(ENGLISH_WORDS) | (_pydoc_words() if pydoc else set())
         self.nouns = [self.word() for _ in range(60)]
         self.places = [self.word().capitalize() for _ in range(20)]
         self.names = [self.word().capitalize() for _ in range(20)]
+        self.corpus = pydoc_sentences() if pydoc else ()
+        self._next = self.below(len(self.corpus)) if pydoc else 0
+
+    def read(self) -> str:
+        """The corpus's next sentence, from the first again after the last."""
+        sentence = self.corpus[self._next % len(self.corpus)]
+        self._next += 1
+        return sentence
 
     def below(self, n: int) -> int:
         return int(self._random() * n)
@@ -205,6 +286,8 @@ class Source:
 
 
 def _sentence(src: Source, subject: str = "") -> str:
+    if src.corpus:
+        return src.read()
     fillers = {
         "adj": lambda: src.choice(ADJECTIVES), "verb": lambda: src.choice(VERBS),
         "intrans": lambda: src.choice(INTRANSITIVE), "adv": lambda: src.choice(ADVERBS),
@@ -349,7 +432,7 @@ def _doc_question(question: str, prefix: str) -> str:
 
 def multi_doc_qa(src: Source, length: int) -> Parts:
     facts, questions = [], []
-    for _ in range(max(3, length // DOC_BYTES)):
+    for _ in range(max(3, src.length // DOC_BYTES)):
         entity = src.organization()
         fact, question, kind = src.choice(ORG_FACTS)
         value = src.person() if kind == "person" else src.word().capitalize()
@@ -363,7 +446,7 @@ def multi_doc_qa(src: Source, length: int) -> Parts:
 
 
 def multi_doc_qa_2hop(src: Source, length: int) -> Parts:
-    count = max(3, length // DOC_BYTES)
+    count = max(3, src.length // DOC_BYTES)
     chains = [(src.person(), src.organization(), src.word().capitalize()) for _ in range((count + 1) // 2)]
     pairs = [[(person, f"{person} works for {organization}."),
               (organization, f"{_capitalize(organization)} is based in the city of {city}.")]
@@ -411,15 +494,58 @@ def _check_seed(seed) -> None:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
 
 
-def generate(task: str, length: int, seed: int) -> Sample:
+def generate(task: str, length: int, seed: int, haystack: str = DEFAULT_HAYSTACK) -> Sample:
+    _check(task, length, seed, haystack)
+    return _sized(task, length, seed, haystack, length)
+
+
+def _check(task: str, length: int, seed: int, haystack: str) -> None:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    if haystack not in HAYSTACKS:
+        raise ValueError(f"unknown haystack {haystack!r}; valid haystacks: {', '.join(HAYSTACKS)}")
     if isinstance(length, bool) or not isinstance(length, int):
-        raise ValueError(f"length must be an int number of bytes, got {length!r}")
+        raise ValueError(f"length must be an int, got {length!r}")
     if length < MIN_LENGTH[task]:
         raise ValueError(f"length {length} is too small for task {task!r} (minimum {MIN_LENGTH[task]})")
     _check_seed(seed)
-    return Sample(task, length, seed, *TASKS[task](Source(task, length, seed), length))
+
+
+def _sized(task: str, length: int, seed: int, haystack: str, size: int) -> Sample:
+    """The sample of (task, length, seed, haystack) made to a prompt of about ``size`` bytes."""
+    return Sample(task, length, seed, *TASKS[task](Source(task, length, seed, haystack), size), haystack)
+
+
+FIT_TRIES = 16
+
+
+def generate_in_tokens(task: str, length: int, seed: int, encode, haystack: str = DEFAULT_HAYSTACK) -> Sample:
+    """A sample whose prompt is within 3% of ``length`` tokens of ``encode`` (text -> token ids).
+
+    The first try is ``generate``'s sample, ``length`` bytes, kept when it fits: for the byte-level
+    reference model it does (``generate`` lands within a few bytes), so its samples stay. Otherwise the same sample (the same random draws: needles,
+    questions and the filler's sentences in order; the number of documents) is made again to a
+    prompt size in bytes rescaled by the tokens counted, until it fits; bisected between the largest
+    size found too short and the smallest found too long where rescaling steps outside them (the
+    count can jump where a dense sentence comes in). The sample's ``length`` is ``length``, now in
+    tokens.
+    """
+    _check(task, length, seed, haystack)
+    size, short, long = length, MIN_LENGTH[task], None
+    for _ in range(FIT_TRIES):
+        sample = _sized(task, length, seed, haystack, size)
+        tokens = len(encode(sample.prompt))
+        if abs(tokens - length) <= TOLERANCE * length:
+            return sample
+        if tokens < length:
+            short = max(short, size)
+        else:
+            long = size if long is None else min(long, size)
+        size = round(size * length / tokens)
+        if long is not None and not short < size < long:  # overshot a jump in the count
+            size = (short + long) // 2
+    raise SageKVError(f"cannot fit a {task} prompt (seed {seed}) to within {TOLERANCE:.0%} of {length} tokens "
+                      f"(the last try had {tokens} tokens)")
 
 
 def split_of(seed: int) -> str:

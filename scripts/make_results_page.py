@@ -15,7 +15,7 @@ import os
 
 import sagekv
 from sagekv.analysis import SOLVED_SCORE, comparisons_markdown, solved_tasks
-from sagekv.evaluate import RAG_PLOT, evaluate, rag_markdown, split_cells, summary_markdown, write_file
+from sagekv.evaluate import RAG_PLOT, evaluate, rag_markdown, split_cells, summary_markdown, task_label, write_file
 from sagekv.policies import NAMED
 from sagekv.rag import METHODS
 from sagekv.tasks import DOCUMENT_TASKS, TASKS
@@ -77,9 +77,9 @@ def command_line(args) -> str:
 def policy_sections(metrics: list) -> list:
     """The plot, the paper's comparisons (on the tasks full attention solves, if not all) and the per-task tables."""
     solved = solved_tasks(metrics)
-    if solved and len(solved) < len({m["task"] for m in metrics}):  # judge eviction where full attention answers
+    if solved and len(solved) < len({task_label(m) for m in metrics}):  # judge eviction where full attention answers
         comparisons = [f"## On the tasks full attention solves ({', '.join(solved)}: {SOLVED_SCORE} or more at every length)", "",
-                       comparisons_markdown([m for m in metrics if m["task"] in solved], level=3),
+                       comparisons_markdown([m for m in metrics if task_label(m) in solved], level=3),
                        "## On all tasks", "", comparisons_markdown(metrics, level=3)]
     else:
         comparisons = [comparisons_markdown(metrics)]

@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,16 @@ def run_script(name, *args, timeout=600):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def byte_tokens(text: str) -> list:
+    """The reference model's tokenization: <s>, then one id per byte."""
+    return [256] + list(text.encode())
+
+
+def word_tokens(text: str) -> list:
+    """A stand-in for a BPE tokenizer: a token per word or punctuation mark (about 5 bytes on English)."""
+    return [0] + re.findall(r"\w+|[^\w\s]", text)
 
 
 needs_mlx = pytest.mark.skipif(not HAVE_MLX, reason="mlx and mlx-lm are not installed")

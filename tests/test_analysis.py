@@ -30,6 +30,12 @@ def test_task_mean_needs_every_task():
     assert task_mean(metrics, "sagekv", 64, 4096) is None
 
 
+def test_a_task_on_another_haystack_counts_as_another_task():
+    metrics = grid() + [dict(m, haystack="pydoc", accuracy=0.0) for m in grid() if m["task"] == "a"]
+    assert abs(task_mean(metrics, "sagekv", 64, 2048) - 0.525 * 2 / 3) < 1e-12
+    assert solved_tasks(metrics) == ["a", "b"]
+
+
 def test_gap_at_one_sixteenth():
     (length, budget, ours, full), = gap_to_full(grid(), "sagekv")
     assert (length, budget) == (2048, 128)

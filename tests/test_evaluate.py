@@ -106,6 +106,58 @@ def test_eval_grid_resume_and_reports(tiny_models, tmp_path):
     assert {tuple(sorted(r.items())) for r in records} >= {tuple(sorted(r.items())) for r in predictions[:-2]}
 
 
+def test_eval_haystacks_share_a_directory(tiny_models, tmp_path):
+    """Records carry their haystack; cells name it where it is not the default; records made before
+    the choice are the default haystack's."""
+    from sagekv.evaluate import evaluate
+
+    model, out = tiny_models("llama", "torch"), str(tmp_path / "run")
+    args = (["single_needle"], [512], ["full"], [64], 2, 0, out)
+    evaluate(model, *args, progress=False)
+    metrics = evaluate(model, *args, progress=False, haystack="pydoc")
+    records = read_records(out)
+    assert [r["haystack"] for r in records] == ["syllable", "syllable", "pydoc", "pydoc"]
+    for r in records:
+        assert r["answer"] == tasks.generate("single_needle", 512, r["seed"], r["haystack"]).answer
+    assert [m.get("haystack") for m in metrics] == [None, "pydoc"] and [m["n"] for m in metrics] == [2, 2]
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "## single_needle\n" in summary and "## single_needle (pydoc haystack)\n" in summary
+    assert "| single_needle (pydoc haystack) | 512 | full | - |" in summary
+
+    lines = open(os.path.join(out, "predictions.jsonl")).readlines()
+    old = [json.dumps({k: v for k, v in json.loads(line).items() if k != "haystack"}) + "\n" for line in lines[:2]]
+    open(os.path.join(out, "predictions.jsonl"), "w").writelines(old + lines[2:])
+    assert evaluate(model, *args, progress=False) == metrics  # nothing redone
+    assert len(read_records(out)) == 4
+    with pytest.raises(SageKVError, match="unknown haystack 'prose' \\(choose from: syllable, pydoc\\)"):
+        evaluate(model, *args, progress=False, haystack="prose")
+
+
+def test_committed_results_summarise_as_before():
+    """results/ holds records made before haystacks: they read as the default haystack's."""
+    from sagekv.evaluate import read_predictions, summarize
+
+    results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+    records = read_predictions(os.path.join(results, "predictions.jsonl"))
+    assert records and all("haystack" not in r for r in records)
+    metrics = summarize(records)
+    assert metrics == json.load(open(os.path.join(results, "metrics.json")))
+    assert summarize([{**r, "haystack": "syllable"} for r in records]) == metrics
+
+
+def test_synthetic_cases_fit_the_models_tokens():
+    from conftest import byte_tokens, word_tokens
+    from sagekv.evaluate import synthetic_cases
+
+    for haystack in tasks.HAYSTACKS:
+        cases = synthetic_cases("multi_doc_qa", 2048, 3, 0, word_tokens, haystack)
+        assert [(c.length, c.seed, c.haystack) for c in cases] == [(2048, seed, haystack) for seed in range(3)]
+        assert all(abs(len(word_tokens(c.prompt)) - 2048) <= 0.03 * 2048 for c in cases)
+        assert all("".join(c.documents) + c.question == c.prompt for c in cases)
+        as_bytes = synthetic_cases("multi_doc_qa", 2048, 3, 0, byte_tokens, haystack)
+        assert [c.prompt for c in as_bytes] == [tasks.generate("multi_doc_qa", 2048, s, haystack).prompt for s in range(3)]
+
+
 def test_eval_refuses_another_models_directory(tiny_models, tmp_path):
     from sagekv.evaluate import evaluate
 
@@ -152,7 +204,7 @@ PASSAGES = [
                 "Passage 3:\nTesk\nTesk is a port.\n", "input": "Where was the founder of Karn born?", "answers": ["Tesk"],
      "dataset": "2wikimqa"},
 ]
-RAG_RECORD_FIELDS = {"task", "length", "seed", "method", "prediction", "answer", "score", "kept_tokens", "total_tokens",
+RAG_RECORD_FIELDS = {"task", "length", "haystack", "seed", "method", "prediction", "answer", "score", "kept_tokens", "total_tokens",
                      "kept_fraction", "ttft_s", "store_s", "kv_bytes", "decode_tokens_per_s"}
 
 
@@ -201,7 +253,7 @@ def test_eval_rag_cells_resume_and_reports(rag_model, tmp_path):
     assert len(records) == (2 * 2 + 2) * (1 + len(METHODS))  # (2 tasks x 2 seeds + 2 LongBench lines) x (full + 5 methods)
     full = {(r["task"], r["seed"]): r for r in records if r.get("policy") == "full"}
     for r in (r for r in records if "method" in r):
-        assert set(r) == RAG_RECORD_FIELDS
+        assert set(r) | {"haystack"} == RAG_RECORD_FIELDS and ("haystack" in r) == (r["task"] in tasks.TASKS)  # not LongBench's
         assert r["kept_fraction"] == r["kept_tokens"] / r["total_tokens"] and r["kv_bytes"] > 0 and r["ttft_s"] > 0
         assert r["kept_fraction"] == 1 or r["method"] == "samkv"  # the others keep every document token
         if r["method"] == "full_recompute":  # the same prompt tokens as full attention, so the same answer
@@ -304,8 +356,9 @@ def test_eval_cli_policies_by_default_rag_methods_alone(tiny_checkpoints, tmp_pa
     stdout, records = run("policies", "--tasks", "multi_doc_qa")
     assert sorted(r["policy"] for r in records) == sorted(["full", "sagekv", "sagekv_kv_follow", "streaming", "snapkv", "quest"])
     assert stdout.strip().endswith("(metrics.json, predictions.jsonl, summary.md, accuracy_vs_budget.png)")
-    stdout, records = run("rag", "--tasks", "multi_doc_qa", "--methods", "reuse,epic")
+    stdout, records = run("rag", "--tasks", "multi_doc_qa", "--methods", "reuse,epic", "--haystack", "pydoc")
     assert [r["method"] for r in records] == ["reuse", "epic"] and all("policy" not in r for r in records)
+    assert all(r["haystack"] == "pydoc" for r in records)
     assert stdout.strip().endswith("(metrics.json, predictions.jsonl, summary.md, rag_score_vs_ttft.png)")
 
 
@@ -321,6 +374,7 @@ def test_eval_cli_policies_by_default_rag_methods_alone(tiny_checkpoints, tmp_pa
         (["--policies", "full,h2o"], "unknown policy 'h2o'"),
         (["--seed", "999999", "--samples", "5"], "evaluation seeds must lie in"),
         (["--samples", "0"], "--samples must be >= 1"),
+        (["--haystack", "prose"], "Invalid value for '--haystack': 'prose' is not one of 'syllable', 'pydoc'"),
         (["--tasks", "longbench:/no/such/file.jsonl"], "cannot read /no/such/file.jsonl"),
         (["--out", __file__], "File exists"),
     ],
