@@ -62,8 +62,10 @@ def synthetic_cases(task: str, length: int, samples: int, seed: int, encode,
         sample = tasks.generate_in_tokens(task, length, s, encode, haystack)
         budget = len(encode(sample.answer)) + 4
         decided = partial(answer_decided, sample.answer) if len(sample.answers) == 1 else None
+        # a context cut into documents of about DOC_BYTES tokens, as the document tasks have
+        document_bytes = round(tasks.DOC_BYTES * len(sample.prompt) / len(encode(sample.prompt)))
         cases.append(Case(task, length, s, sample.prompt, sample.answer, budget, lambda text, x=sample: tasks.score(x, text),
-                          decided, tasks.documents_of(sample), sample.question, haystack))
+                          decided, tasks.documents_of(sample, document_bytes), sample.question, haystack))
     return cases
 
 

@@ -15,7 +15,7 @@ and budget next to full attention's. What to read in it:
 - SAGE-KV (arXiv 2503.08879): near full at small budgets.
 
     python scripts/check_baselines.py --model PATH --backend torch --device cuda --dtype bfloat16 \\
-        --length 7000 --seeds 20 --json baselines.json
+        --length 2048 --seeds 20 --json baselines.json
 """
 
 import argparse
@@ -98,7 +98,7 @@ def main():
     parser.add_argument("--backend", choices=["mlx", "torch"], default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--length", type=int, default=7000, help="prompt length in bytes")
+    parser.add_argument("--length", type=int, default=2048, help="prompt length in tokens")
     parser.add_argument("--seeds", type=int, default=4, help="samples per task (seeds 0..N-1)")
     parser.add_argument("--tasks", default="single_needle,multi_key")
     parser.add_argument("--policies", default=CLAIMS)
@@ -114,7 +114,7 @@ def main():
         done = [r for case in cases for r in run_case(model, case, policies, specs)]
         tokens = statistics.mean(r["prompt_tokens"] for r in done)
         where = " ".join(filter(None, [model.backend, args.device, args.dtype]))
-        print(f"\n## {task}: {args.length} bytes, {tokens:.0f} tokens on average, {len(cases)} seeds; {model.name} on {where}\n")
+        print(f"\n## {task}: {tokens:.0f} tokens on average (asked {args.length}), {len(cases)} seeds; {model.name} on {where}\n")
         print(table(done, policies, specs), flush=True)
         records += done
     if args.json:

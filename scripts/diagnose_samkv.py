@@ -9,7 +9,7 @@ share), reuse and full recompute, on the same documents. One
 table of means over the samples, JSON lines per sample with ``--json``.
 
     python scripts/diagnose_samkv.py --model smollm2-135m-instruct --device cuda --dtype bfloat16 \
-        --task single_needle --length 16384 --seeds 20
+        --task single_needle --length 4096 --seeds 20
 """
 
 import argparse
@@ -18,8 +18,7 @@ import json
 import numpy as np
 
 import sagekv
-from sagekv import rag, tasks
-from sagekv.evaluate import answer_decided
+from sagekv import evaluate, rag
 from sagekv.store import MemoryStore
 
 VARIANTS = {
@@ -48,26 +47,23 @@ def answer_rows(model, documents, value: str):
 
 
 def diagnose(model, task: str, length: int, seed: int) -> dict:
-    sample = tasks.generate(task, length, seed)
-    documents = tasks.documents_of(sample)
-    value = sample.answers[0]
-    pieces_ids, question_ids = rag.prompt_ids(model, documents, sample.question, 16)
+    case = evaluate.synthetic_cases(task, length, 1, seed, model.encode)[0]  # as sagekv eval --methods has it
+    pieces_ids, question_ids = rag.prompt_ids(model, case.documents, case.question, case.max_tokens)
     store = MemoryStore(model.store_id)
-    piece, rows = answer_rows(model, documents, value)
+    piece, rows = answer_rows(model, case.documents, case.answer)
     with model.runner.inference():
         pieces = rag.stored_pieces(model, store, pieces_ids)
         chosen = VARIANTS["samkv"].select(model, pieces, question_ids)
         capped = VARIANTS["samkv_15"].select(model, pieces, question_ids)
-    out = {"seed": seed, "tokens": sum(map(len, pieces_ids)) + len(question_ids), "documents": len(documents),
+    out = {"seed": seed, "tokens": sum(map(len, pieces_ids)) + len(question_ids), "documents": len(case.documents),
            "kept_share": rag.kept_count(chosen) / sum(map(len, pieces_ids)),
            "answer_kept_per_layer": [float(np.isin(rows, layer).mean()) for layer in chosen[piece]],
            "answer_kept": float(np.isin(rows, rag.kept_rows(chosen)[piece]).mean()),
            "answer_kept_15": float(np.isin(rows, rag.kept_rows(capped)[piece]).mean())}
-    budget = len(model.encode_plain(sample.answer)) + 4
     for name, method in VARIANTS.items():
-        result = rag.rag_ids(model, pieces_ids, question_ids, method, store, budget,
-                             on_token=lambda ids: answer_decided(sample.answer, model.decode_text(ids)))
-        out[name] = tasks.score(sample, result.text)
+        result = rag.rag_ids(model, pieces_ids, question_ids, method, store, case.max_tokens,
+                             on_token=evaluate.stop_when_decided(model, case))
+        out[name] = case.score(result.text)
         out[name + "_kept"] = result.rag.kept_tokens / result.rag.total_tokens
     return out
 
@@ -79,7 +75,7 @@ def main():
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--task", default="single_needle", choices=["single_needle", "multi_key"])
-    parser.add_argument("--length", type=int, default=8192, help="prompt length in bytes (tasks.generate)")
+    parser.add_argument("--length", type=int, default=4096, help="prompt length in tokens")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--json", default=None, help="write one JSON line per sample here")
     args = parser.parse_args()
@@ -89,7 +85,7 @@ def main():
         with open(args.json, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
     mean = lambda key: float(np.mean([row[key] for row in rows]))  # noqa: E731
-    print(f"{model.name}, {model.backend}, {args.task}, {args.length} bytes (~{mean('tokens'):.0f} tokens, "
+    print(f"{model.name}, {model.backend}, {args.task}, {mean('tokens'):.0f} tokens on average ("
           f"{mean('documents'):.1f} documents), {len(rows)} seeds")
     layers = np.mean([row["answer_kept_per_layer"] for row in rows], axis=0)
     print(f"SamKV keeps {mean('kept_share'):.1%} of document tokens; answer tokens kept: "

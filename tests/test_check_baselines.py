@@ -12,7 +12,7 @@ def test_prints_a_table_per_task_and_writes_every_record(tiny_checkpoints, tmp_p
                       "--json", str(out))
     assert done.returncode == 0, done.stderr
     for task in ("single_needle", "multi_key"):
-        assert f"## {task}: 600 bytes" in done.stdout
+        assert f"## {task}: 601 tokens on average (asked 600), 2 seeds" in done.stdout
     assert "| quest | " in done.stdout and "| streaming: needle in window | " in done.stdout
     assert "streaming 2/2" in done.stdout  # a window of the whole prompt keeps everything
     records = json.load(open(out))["records"]

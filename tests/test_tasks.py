@@ -6,7 +6,7 @@ import pytest
 from conftest import byte_tokens, word_tokens
 from sagekv.errors import SageKVError
 from sagekv.tasks import (DOC_BYTES, DOCUMENT_TASKS, EVAL_SEEDS, HAYSTACKS, MIN_LENGTH, TASKS, TRAIN_SEEDS, documents_of, generate,
-                          generate_in_tokens, pydoc_sentences, score, split_of)
+                          ending_for, generate_in_tokens, pydoc_sentences, score, split_of)
 
 LENGTHS = [512, 1024, 2048, 4096, 8192]
 SEEDS = [0, 17, 1_000_003]
@@ -275,10 +275,20 @@ def test_prompts_fitted_to_another_tokenizer(task, haystack):
             assert abs(len(word_tokens(sample.prompt)) - length) <= 0.03 * length
             assert len(sample.prompt) > 3 * length and sample.length == length
             as_bytes = generate(task, length, seed, haystack)  # the same draws, made longer
-            assert (sample.answer, sample.question, len(sample.documents)) == (as_bytes.answer, as_bytes.question,
-                                                                                len(as_bytes.documents))
+            # the words carry their spaces, so the prompt stops before the answer prefix's last space
+            assert (sample.answer, sample.question + " ", len(sample.documents)) == (as_bytes.answer, as_bytes.question,
+                                                                                      len(as_bytes.documents))
             assert "".join(documents_of(sample)) + sample.question == sample.prompt
     assert generate_in_tokens(task, 2048, 5, word_tokens, haystack) == generate_in_tokens(task, 2048, 5, word_tokens, haystack)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_prompt_ends_where_the_tokenizer_starts_the_answer(task):
+    sample = generate(task, 1024, 3)
+    assert sample.question.endswith(" ") and ending_for(sample, byte_tokens) == sample  # bytes: the space is read
+    words = ending_for(sample, word_tokens)  # words carry their spaces: the model writes it
+    assert words.prompt == sample.prompt[:-1] and words.question == sample.question[:-1]
+    assert score(words, " " + sample.answer) == 1.0 and ending_for(words, word_tokens) == words
 
 
 def test_a_prompt_that_cannot_fit_is_refused():
