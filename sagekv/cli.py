@@ -211,17 +211,24 @@ DEFAULT_POLICIES = f"full,sagekv,{DEFAULT_POLICY},streaming,snapkv,quest"
 @click.option("--samples", type=int, default=20, show_default=True, help="Samples per task and length.")
 @click.option("--seed", type=int, default=0, show_default=True, help="First evaluation seed.")
 @click.option("--out", required=True, help="Results directory (re-running skips cells already done).")
-@click.option("--device", default=None)
+@click.option("--device", default=None, help="A device, or with --workers a comma-separated list used in turn.")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None)
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Processes side by side, each with its own copy of the model (a small model's decode is bound by Python).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(backend, model_path, task_list, lengths, policies, methods, budgets, haystack, samples, seed, out, device, dtype,
-                 quiet):
+                 workers, quiet):
     """Accuracy against KV budget for several policies, tasks and lengths; and RAG methods over stored documents."""
-    from .evaluate import POLICY_PLOT, RAG_PLOT, cells, check_tasks, evaluate, parse_list, rag_cells, split_cells
+    from .evaluate import POLICY_PLOT, RAG_PLOT, cells, check_tasks, evaluate, evaluate_in_workers, parse_list, rag_cells, split_cells
     from .tasks import EVAL_SEEDS
 
     if samples < 1:
         raise SageKVError(f"--samples must be >= 1, got {samples}")
+    if workers < 1:
+        raise SageKVError(f"--workers must be >= 1, got {workers}")
+    devices = parse_list(device, str, "device") if device else [None]
+    if len(devices) > 1 and workers == 1:
+        raise SageKVError("several devices need --workers")
     if seed not in EVAL_SEEDS or seed + samples - 1 not in EVAL_SEEDS:
         raise SageKVError(f"evaluation seeds must lie in {EVAL_SEEDS.start}..{EVAL_SEEDS.stop - 1}")
     task_specs = parse_list(task_list, str, "tasks")
@@ -236,9 +243,13 @@ def eval_command(backend, model_path, task_list, lengths, policies, methods, bud
     check_tasks(task_specs, length_list)
     cells(policy_names, budget_list)  # every policy valid at every budget, before loading
     rag_cells(method_names)
-    model = load(model_path, backend=backend, device=device, dtype=dtype)
-    metrics = evaluate(model, task_specs, length_list, policy_names, budget_list, samples, seed, out, progress=not quiet,
-                       methods=method_names, haystack=haystack)
+    model = load(model_path, backend=backend, device=devices[0], dtype=dtype)
+    grid = (task_specs, length_list, policy_names, budget_list, samples, seed)
+    if workers > 1:
+        metrics = evaluate_in_workers(model, dict(model=model_path, backend=backend, dtype=dtype), devices, workers, *grid,
+                                      out=out, progress=not quiet, methods=method_names, haystack=haystack)
+    else:
+        metrics = evaluate(model, *grid, out, progress=not quiet, methods=method_names, haystack=haystack)
     plots = [name for name, cells_of_kind in zip((POLICY_PLOT, RAG_PLOT), split_cells(metrics)) if cells_of_kind]
     click.echo(f"{len(metrics)} cells written to {out}/ (metrics.json, predictions.jsonl, summary.md, {', '.join(plots)})")
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import statistics
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
@@ -131,11 +133,14 @@ def rag_cells(methods: list) -> list:
 
 
 def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: list, samples: int, seed: int, out: str,
-             progress: bool = True, methods: list = (), haystack: str = tasks.DEFAULT_HAYSTACK) -> list:
+             progress: bool = True, methods: list = (), haystack: str = tasks.DEFAULT_HAYSTACK, shard: tuple = (0, 1),
+             report: bool = True) -> list:
     """Run the grid, append to ``out/predictions.jsonl``, write the summaries; returns metrics.
 
     ``methods``: RAG methods (:data:`sagekv.rag.METHODS`) run on every sample too; every task must
-    have documents. ``haystack``: the synthetic tasks' filler (:data:`sagekv.tasks.HAYSTACKS`)."""
+    have documents. ``haystack``: the synthetic tasks' filler (:data:`sagekv.tasks.HAYSTACKS`).
+    ``shard`` (k, n): only every n-th sample from the k-th (:func:`evaluate_in_workers`); ``report``:
+    write summary.md, metrics.json and the plots."""
     grid = cells(policies, budgets) + rag_cells(methods)
     if not grid:
         raise SageKVError("nothing to evaluate: no policies and no RAG methods")
@@ -149,6 +154,7 @@ def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: li
         else:
             for length in lengths:
                 cases += synthetic_cases(spec, length, samples, seed, model.encode, haystack)
+    cases = cases[shard[0]::shard[1]]
 
     os.makedirs(out, exist_ok=True)
     check_run(out, model)
@@ -174,8 +180,90 @@ def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: li
                 bar.update(1)
     bar.close()
     metrics = summarize(read_predictions(path))
-    write_reports(out, metrics, model)
+    if report:
+        write_reports(out, metrics, model)
     return metrics
+
+
+WORKERS = "workers"  # OUT/workers/K: worker K's share of the grid until it is merged into OUT
+
+
+def evaluate_in_workers(model, load_args: dict, devices: list, workers: int, *grid, out: str, progress: bool = True,
+                        **options) -> list:
+    """:func:`evaluate` split over ``workers`` processes side by side, each loading the model with
+    ``load_args`` on the next of ``devices`` in turn; decoding a small model is bound by Python, so
+    several processes fill one GPU. Worker K answers every ``workers``-th sample from the K-th into
+    OUT/workers/K (seeded with OUT's records, so a re-run skips what is done); its new records are
+    merged into OUT once all have finished, or on the next run after an interruption. ``model``
+    (loaded here too) writes the summaries."""
+    import multiprocessing
+
+    merge_workers(out)
+    check_run(out, model)
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    processes, folders = [], [os.path.join(out, WORKERS, str(k)) for k in range(workers)]
+    for k, folder in enumerate(folders):
+        os.makedirs(folder, exist_ok=True)
+        for name in ("run.json", "predictions.jsonl"):
+            if os.path.exists(os.path.join(out, name)):
+                shutil.copyfile(os.path.join(out, name), os.path.join(folder, name))
+        args = ({**load_args, "device": devices[k % len(devices)]}, grid, {**options, "out": folder, "shard": (k, workers)})
+        processes.append(context.Process(target=work, args=args, daemon=True))
+        processes[-1].start()
+    bar = progress_bar(None, progress)
+    written = lambda: sum(count_lines(os.path.join(folder, "predictions.jsonl")) for folder in folders)  # noqa: E731
+    counted = written()
+    while any(p.is_alive() for p in processes):
+        time.sleep(2)
+        now = written()
+        bar.update(now - counted)
+        counted = now
+    bar.close()
+    failed = [k for k, p in enumerate(processes) if p.exitcode != 0]
+    if failed:
+        errors = os.path.join(folders[failed[0]], "error.txt")
+        reason = open(errors).read().strip() if os.path.exists(errors) else f"exit status {processes[failed[0]].exitcode}"
+        raise SageKVError(f"{len(failed)} of {workers} workers failed; worker {failed[0]}: {reason}")
+    merge_workers(out)
+    return evaluate(model, *grid, out=out, progress=False, **options)
+
+
+def work(load_args: dict, grid: tuple, options: dict) -> None:
+    """One worker of :func:`evaluate_in_workers`; an error's line goes to its folder's error.txt."""
+    from .generate import load
+
+    try:
+        evaluate(load(**load_args), *grid, progress=False, report=False, **options)
+    except SageKVError as error:
+        write_file(os.path.join(options["out"], "error.txt"), str(error))
+        raise SystemExit(1)
+
+
+def count_lines(path: str) -> int:
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def merge_workers(out: str) -> None:
+    """Append the workers' records that OUT lacks to OUT/predictions.jsonl, then remove OUT/workers."""
+    root = os.path.join(out, WORKERS)
+    if not os.path.isdir(root):
+        return
+    path = os.path.join(out, "predictions.jsonl")
+    done = {record_key(r) for r in read_predictions(path)}
+    new = []
+    for name in sorted(os.listdir(root)):
+        for record in read_predictions(os.path.join(root, name, "predictions.jsonl")):
+            if record_key(record) not in done:
+                done.add(record_key(record))
+                new.append(record)
+    with open(path, "a", encoding="utf-8") as f:
+        if f.tell() and not ends_with_newline(path):
+            f.write("\n")
+        f.writelines(json.dumps(record) + "\n" for record in new)
+    shutil.rmtree(root)
 
 
 def policy_answers(model, case: Case, pending: list, window: int):

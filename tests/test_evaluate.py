@@ -362,6 +362,29 @@ def test_eval_cli_policies_by_default_rag_methods_alone(tiny_checkpoints, tmp_pa
     assert stdout.strip().endswith("(metrics.json, predictions.jsonl, summary.md, rag_score_vs_ttft.png)")
 
 
+def test_eval_in_workers_gives_one_process_records(tiny_checkpoints, tmp_path):
+    def run(out, *extra):
+        args = ["eval", "--backend", "torch", "--model", tiny_checkpoints["llama"], "--tasks", "single_needle,multi_doc_qa",
+                "--lengths", "512", "--policies", "full,sagekv", "--methods", "reuse", "--budgets", "64", "--samples", "3",
+                "--out", str(tmp_path / out), "--quiet", *extra]
+        done = subprocess.run([sys.executable, "-m", "sagekv.cli", *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    run("one")
+    lines = open(tmp_path / "one" / "predictions.jsonl").readlines()
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "predictions.jsonl").write_text("".join(lines[:5]))
+    stdout = run("split", "--workers", "3", "--device", "cpu,cpu")  # resumes the five records already there
+    assert stdout.strip().startswith("6 cells written")
+    timed = ("prefill_s", "select_s", "decode_s", "decode_tokens_per_s", "ttft_s", "store_s")
+    untimed = lambda out: sorted(json.dumps({k: v for k, v in r.items() if k not in timed}, sort_keys=True)  # noqa: E731
+                                 for r in read_records(tmp_path / out))
+    assert untimed("split") == untimed("one") and len(untimed("one")) == 2 * 3 * 3
+    assert open(tmp_path / "split" / "predictions.jsonl").readlines()[:5] == lines[:5]
+    assert sorted(os.listdir(tmp_path / "split")) == sorted(os.listdir(tmp_path / "one"))  # the workers' folders merged
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
@@ -374,6 +397,8 @@ def test_eval_cli_policies_by_default_rag_methods_alone(tiny_checkpoints, tmp_pa
         (["--policies", "full,h2o"], "unknown policy 'h2o'"),
         (["--seed", "999999", "--samples", "5"], "evaluation seeds must lie in"),
         (["--samples", "0"], "--samples must be >= 1"),
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--device", "cpu,cpu"], "several devices need --workers"),
         (["--haystack", "prose"], "Invalid value for '--haystack': 'prose' is not one of 'syllable', 'pydoc'"),
         (["--tasks", "longbench:/no/such/file.jsonl"], "cannot read /no/such/file.jsonl"),
         (["--out", __file__], "File exists"),
