@@ -74,6 +74,18 @@ def check_model_type(model_type) -> None:
         )
 
 
+def legacy_rope_fields(config: dict) -> dict:
+    """``rope_theta`` (and ``rope_scaling``) as they stood before transformers 5 nested them under
+    ``rope_parameters``: mlx-lm's Llama and Qwen2 read only these. Empty when nothing is nested."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or config.get("rope_theta") is not None:
+        return {}
+    fields = {"rope_theta": rope.get("rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") != "default":
+        fields["rope_scaling"] = rope
+    return fields
+
+
 def load(model: Optional[str] = None, backend: Optional[str] = None, device=None, dtype=None,
          random_weights: bool = False) -> "SageModel":
     """Load a local checkpoint directory or a Hugging Face id with the backend's own loader.
@@ -105,10 +117,15 @@ def load(model: Optional[str] = None, backend: Optional[str] = None, device=None
     except SageKVError:
         raise
     except Exception as error:  # loaders raise many types; the user needs the first line
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SageKVError(f"cannot load model {model} with {module.Runner.name}: {message}") from None
+        raise SageKVError(f"cannot load model {model} with {module.Runner.name}: {first_line(error)}") from None
     check_model_type(runner.model_type)  # a hub id's config is only seen by the loader
     return SageModel(runner, name, None if random_weights else weights_fingerprint(model))
+
+
+def first_line(error: Exception) -> str:
+    """What a one-line error quotes of an exception from a loader: its first line, else its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def weights_fingerprint(path: str) -> Optional[str]:
@@ -118,14 +135,18 @@ def weights_fingerprint(path: str) -> Optional[str]:
         return None
     digest = hashlib.sha256()
     for name in sorted(n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES)):
-        file = os.path.join(path, name)
-        size = os.path.getsize(file)
-        digest.update(f"{name}:{size};".encode())
-        with open(file, "rb") as f:
-            digest.update(f.read(FINGERPRINT_BYTES))
-            f.seek(max(size - FINGERPRINT_BYTES, 0))
-            digest.update(f.read(FINGERPRINT_BYTES))
+        fingerprint_file(digest, os.path.join(path, name), name)
     return digest.hexdigest()[:16]
+
+
+def fingerprint_file(digest, file: str, name: str) -> None:
+    """Add a file's name, size, first and last MiB to ``digest`` (hashlib)."""
+    size = os.path.getsize(file)
+    digest.update(f"{name}:{size};".encode())
+    with open(file, "rb") as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+        f.seek(max(size - FINGERPRINT_BYTES, 0))
+        digest.update(f.read(FINGERPRINT_BYTES))
 
 
 class SageModel:
