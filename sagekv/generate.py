@@ -163,7 +163,7 @@ class SageModel:
             return list(tokenizer.encode(text))
         if not getattr(tokenizer, "chat_template", None):
             raise SageKVError(f"{self.name} has no chat template; run without chat")
-        messages = [{"role": "user", "content": text}]
+        messages = [{"role": "user", "content": text.strip()}]  # not content: a prompt file's final newline
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return list(tokenizer.encode(rendered, add_special_tokens=False))  # the template writes its own <bos>
 
