@@ -88,14 +88,17 @@ def legacy_rope_fields(config: dict) -> dict:
 
 def load(model: Optional[str] = None, backend: Optional[str] = None, device=None, dtype=None,
          random_weights: bool = False) -> "SageModel":
-    """Load a local checkpoint directory or a Hugging Face id with the backend's own loader.
+    """Load a local checkpoint directory, a GGUF file, a named model of :data:`sagekv.gguf.MODELS`
+    (``"smollm2-135m-instruct"``) or a Hugging Face id with the backend's own loader.
 
     ``backend``: "mlx" (mlx-lm) or "torch" (transformers); default MLX on Apple silicon, else
     torch. ``device``: torch device string, or "cpu"/"gpu" for MLX. ``dtype``: one of
-    float32, float16, bfloat16, or None for the checkpoint's own. ``random_weights`` (torch; for
+    float32, float16, bfloat16, or None for the checkpoint's own (float32 for a GGUF file, which is
+    converted once into a folder of that dtype: see :mod:`sagekv.gguf`). ``random_weights`` (torch; for
     benchmarks): the directory's config and tokenizer with random weights built on the device.
     """
     from .backends import get_backend
+    from .gguf import resolve as resolve_gguf
 
     if model is None:
         if not os.path.exists(os.path.join(REFERENCE_MODEL, "config.json")):
@@ -105,7 +108,7 @@ def load(model: Optional[str] = None, backend: Optional[str] = None, device=None
         raise SageKVError(f"unknown dtype {dtype!r} (choose from: {', '.join(DTYPES)})")
     module = get_backend(backend or default_backend())
     name = "sagekv reference model" if model == REFERENCE_MODEL else str(model)  # what reports call it
-    model = os.path.expanduser(str(model))
+    model = resolve_gguf(str(model), dtype) or os.path.expanduser(str(model))
     if os.path.isdir(model):
         config = read_config(model)
     elif os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
