@@ -283,7 +283,8 @@ def test_smollm2_mlx_matches_torch(smollm2, prompt):
         first_logits[backend] = model.runner.logits_numpy(prefilled.logits)
         tokens[backend] = model.decode(prefilled, Full(), max_tokens=8, keep_prefill=False).tokens
     assert tokens["mlx"] == tokens["torch"] and len(tokens["torch"]) >= 4
-    np.testing.assert_allclose(first_logits["mlx"], first_logits["torch"], atol=2e-3 * np.abs(first_logits["torch"]).max())
+    # measured 3.6e-5 on a CPU (logits up to 21): float32 rounding only
+    np.testing.assert_allclose(first_logits["mlx"], first_logits["torch"], atol=1e-3, rtol=0)
 
 
 @needs_mlx
