@@ -19,6 +19,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from ..errors import SageKVError
+from ..generate import legacy_rope_fields
 from ..ops import Ops
 from ..selection import last_queries
 
@@ -139,17 +140,6 @@ def install_attention(model) -> None:
             layer.self_attn.rope = TokenRoPE(layer.self_attn.rope)
 
 
-def _rope_overrides(config: dict) -> dict:
-    """transformers 5 nests rope_theta under rope_parameters; older mlx-lm models only read rope_theta."""
-    rope = config.get("rope_parameters")
-    if not isinstance(rope, dict) or config.get("rope_theta") is not None:
-        return {}
-    overrides = {"rope_theta": rope.get("rope_theta", 10000.0)}
-    if rope.get("rope_type", "default") != "default":
-        overrides["rope_scaling"] = rope
-    return overrides
-
-
 class Runner:
     """The generation loop's runner (:class:`sagekv.backend.Runner`) for mlx-lm models."""
 
@@ -164,7 +154,7 @@ class Runner:
             if device not in ("cpu", "gpu"):
                 raise SageKVError(f"MLX devices are 'cpu' and 'gpu', got {device!r}")
             mx.set_default_device(mx.cpu if device == "cpu" else mx.gpu)
-        self.model, wrapper = load(path, model_config=_rope_overrides(config))
+        self.model, wrapper = load(path, model_config=legacy_rope_fields(config))
         self.tokenizer = wrapper._tokenizer  # the Hugging Face tokenizer mlx-lm wraps
         if dtype is not None:
             self.model.set_dtype(getattr(mx, dtype))

@@ -10,10 +10,14 @@ import click
 
 from .errors import SageKVError
 from .generate import DTYPES, load
+from .gguf import MODELS
 from .policies import DEFAULT_POLICY, NAMED, make_policy
 from .rag import METHODS, make_method, prompt_ids, rag_ids
 from .store import DocumentStore
 from .tasks import DEFAULT_HAYSTACK, HAYSTACKS
+
+MODEL_HELP = f"Checkpoint directory, GGUF file, named model ({', '.join(MODELS)}) or Hugging Face id."
+DTYPE_HELP = "Default: the checkpoint's; float32 for a GGUF file (converted once per dtype)."
 
 
 @click.group()
@@ -24,7 +28,7 @@ def cli():
 
 @cli.command()
 @click.option("--backend", type=click.Choice(["mlx", "torch"]), default=None, help="Default: mlx on Apple silicon, else torch.")
-@click.option("--model", "model_path", default=None, help="Local checkpoint directory or Hugging Face id.")
+@click.option("--model", "model_path", default=None, help=MODEL_HELP)
 @click.option("--policy", type=click.Choice(list(NAMED)), default=DEFAULT_POLICY, show_default=True,
               help="sagekv is the paper's setting.")
 @click.option("--budget", type=int, default=None, help="KV entries kept per KV head (every policy but full; 256 for the built-in example).")
@@ -32,7 +36,7 @@ def cli():
 @click.option("--prompt-file", default=None, help="Read the prompt from this file.")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--device", default=None, help="torch device (cpu, cuda, cuda:1) or mlx device (cpu, gpu).")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Default: the checkpoint's.")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help=DTYPE_HELP)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template (instruct models).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, device, dtype, chat, as_json):
@@ -148,13 +152,13 @@ def run_example(backend, model_path, policy, budget, device, dtype, as_json):
 @click.option("--store", "store_dir", default=None,
               help="Directory of stored document caches (created if missing, reused). Default: prefill in memory.")
 @click.option("--backend", type=click.Choice(["mlx", "torch"]), default=None, help="Default: mlx on Apple silicon, else torch.")
-@click.option("--model", "model_path", default=None, help="Local checkpoint directory or Hugging Face id.")
+@click.option("--model", "model_path", default=None, help=MODEL_HELP)
 @click.option("--policy", type=click.Choice(list(NAMED)), default="full", show_default=True,
               help="Eviction policy applied to the method's cache before decoding.")
 @click.option("--budget", type=int, default=None, help="KV entries kept per KV head (every policy but full).")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--device", default=None, help="torch device (cpu, cuda, cuda:1) or mlx device (cpu, gpu).")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Default: the checkpoint's.")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help=DTYPE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def rag(doc_files, question, method, store_dir, backend, model_path, policy, budget, max_tokens, device, dtype, as_json):
     """Answer a question over documents, each prefilled alone and stored (SamKV and its baselines)."""
@@ -197,7 +201,7 @@ DEFAULT_POLICIES = f"full,sagekv,{DEFAULT_POLICY},streaming,snapkv,quest"
 
 @cli.command("eval")
 @click.option("--backend", type=click.Choice(["mlx", "torch"]), default=None, help="Default: mlx on Apple silicon, else torch.")
-@click.option("--model", "model_path", default=None, help="Local checkpoint directory or Hugging Face id.")
+@click.option("--model", "model_path", default=None, help=MODEL_HELP)
 @click.option("--tasks", "task_list", default="single_needle,multi_key", show_default=True,
               help="Comma-separated task names, or longbench:FILE.jsonl.")
 @click.option("--lengths", default="2048,4096,8192", show_default=True, help="Prompt lengths in tokens (synthetic tasks).")
@@ -212,7 +216,7 @@ DEFAULT_POLICIES = f"full,sagekv,{DEFAULT_POLICY},streaming,snapkv,quest"
 @click.option("--seed", type=int, default=0, show_default=True, help="First evaluation seed.")
 @click.option("--out", required=True, help="Results directory (re-running skips cells already done).")
 @click.option("--device", default=None, help="A device, or with --workers a comma-separated list used in turn.")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None)
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help=DTYPE_HELP)
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Processes side by side, each with its own copy of the model (a small model's decode is bound by Python).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -74,16 +74,31 @@ def check_model_type(model_type) -> None:
         )
 
 
+def legacy_rope_fields(config: dict) -> dict:
+    """``rope_theta`` (and ``rope_scaling``) as they stood before transformers 5 nested them under
+    ``rope_parameters``: mlx-lm's Llama and Qwen2 read only these. Empty when nothing is nested."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or config.get("rope_theta") is not None:
+        return {}
+    fields = {"rope_theta": rope.get("rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") != "default":
+        fields["rope_scaling"] = rope
+    return fields
+
+
 def load(model: Optional[str] = None, backend: Optional[str] = None, device=None, dtype=None,
          random_weights: bool = False) -> "SageModel":
-    """Load a local checkpoint directory or a Hugging Face id with the backend's own loader.
+    """Load a local checkpoint directory, a GGUF file, a named model of :data:`sagekv.gguf.MODELS`
+    (``"smollm2-135m-instruct"``) or a Hugging Face id with the backend's own loader.
 
     ``backend``: "mlx" (mlx-lm) or "torch" (transformers); default MLX on Apple silicon, else
     torch. ``device``: torch device string, or "cpu"/"gpu" for MLX. ``dtype``: one of
-    float32, float16, bfloat16, or None for the checkpoint's own. ``random_weights`` (torch; for
+    float32, float16, bfloat16, or None for the checkpoint's own (float32 for a GGUF file, which is
+    converted once into a folder of that dtype: see :mod:`sagekv.gguf`). ``random_weights`` (torch; for
     benchmarks): the directory's config and tokenizer with random weights built on the device.
     """
     from .backends import get_backend
+    from .gguf import resolve as resolve_gguf
 
     if model is None:
         if not os.path.exists(os.path.join(REFERENCE_MODEL, "config.json")):
@@ -93,7 +108,7 @@ def load(model: Optional[str] = None, backend: Optional[str] = None, device=None
         raise SageKVError(f"unknown dtype {dtype!r} (choose from: {', '.join(DTYPES)})")
     module = get_backend(backend or default_backend())
     name = "sagekv reference model" if model == REFERENCE_MODEL else str(model)  # what reports call it
-    model = os.path.expanduser(str(model))
+    model = resolve_gguf(str(model), dtype) or os.path.expanduser(str(model))
     if os.path.isdir(model):
         config = read_config(model)
     elif os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
@@ -105,10 +120,15 @@ def load(model: Optional[str] = None, backend: Optional[str] = None, device=None
     except SageKVError:
         raise
     except Exception as error:  # loaders raise many types; the user needs the first line
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SageKVError(f"cannot load model {model} with {module.Runner.name}: {message}") from None
+        raise SageKVError(f"cannot load model {model} with {module.Runner.name}: {first_line(error)}") from None
     check_model_type(runner.model_type)  # a hub id's config is only seen by the loader
     return SageModel(runner, name, None if random_weights else weights_fingerprint(model))
+
+
+def first_line(error: Exception) -> str:
+    """What a one-line error quotes of an exception from a loader: its first line, else its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def weights_fingerprint(path: str) -> Optional[str]:
@@ -118,14 +138,18 @@ def weights_fingerprint(path: str) -> Optional[str]:
         return None
     digest = hashlib.sha256()
     for name in sorted(n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES)):
-        file = os.path.join(path, name)
-        size = os.path.getsize(file)
-        digest.update(f"{name}:{size};".encode())
-        with open(file, "rb") as f:
-            digest.update(f.read(FINGERPRINT_BYTES))
-            f.seek(max(size - FINGERPRINT_BYTES, 0))
-            digest.update(f.read(FINGERPRINT_BYTES))
+        fingerprint_file(digest, os.path.join(path, name), name)
     return digest.hexdigest()[:16]
+
+
+def fingerprint_file(digest, file: str, name: str) -> None:
+    """Add a file's name, size, first and last MiB to ``digest`` (hashlib)."""
+    size = os.path.getsize(file)
+    digest.update(f"{name}:{size};".encode())
+    with open(file, "rb") as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+        f.seek(max(size - FINGERPRINT_BYTES, 0))
+        digest.update(f.read(FINGERPRINT_BYTES))
 
 
 class SageModel:
@@ -142,7 +166,7 @@ class SageModel:
             return list(tokenizer.encode(text))
         if not getattr(tokenizer, "chat_template", None):
             raise SageKVError(f"{self.name} has no chat template; run without chat")
-        messages = [{"role": "user", "content": text}]
+        messages = [{"role": "user", "content": text.strip()}]  # not content: a prompt file's final newline
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return list(tokenizer.encode(rendered, add_special_tokens=False))  # the template writes its own <bos>
 
