@@ -17,6 +17,7 @@ from .store import DocumentStore
 from .tasks import DEFAULT_HAYSTACK, HAYSTACKS
 
 MODEL_HELP = f"Checkpoint directory, GGUF file, named model ({', '.join(MODELS)}) or Hugging Face id."
+PROMPT_BUDGET = 1024  # KV entries per KV head for a prompt of one's own: 1/8 of an 8K prompt, 1/32 of 32K
 DTYPE_HELP = "Default: the checkpoint's; float32 for a GGUF file (converted once per dtype)."
 
 
@@ -31,7 +32,8 @@ def cli():
 @click.option("--model", "model_path", default=None, help=MODEL_HELP)
 @click.option("--policy", type=click.Choice(list(NAMED)), default=DEFAULT_POLICY, show_default=True,
               help="sagekv is the paper's setting.")
-@click.option("--budget", type=int, default=None, help="KV entries kept per KV head (every policy but full; 256 for the built-in example).")
+@click.option("--budget", type=int, default=None,
+              help=f"KV entries kept per KV head (every policy but full). Default: {PROMPT_BUDGET}; 256 for the built-in example.")
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-file", default=None, help="Read the prompt from this file.")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
@@ -52,7 +54,7 @@ def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, de
         return run_example(backend, model_path, policy, budget, device, dtype, as_json)
     if not prompt.strip():
         raise SageKVError("the prompt is empty")
-    chosen, model = policy_and_model(policy, budget, max_tokens, model_path, backend, device, dtype)
+    chosen, budget, model = policy_and_model(policy, budget, max_tokens, model_path, backend, device, dtype)
     if as_json:
         result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat)
         click.echo(json.dumps(json_record(result, model, policy, budget)))
@@ -70,10 +72,12 @@ def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, de
 
 
 def policy_and_model(policy: str, budget, max_tokens: int, model_path, backend, device, dtype) -> tuple:
-    """The policy and the loaded model, once the cheap checks have passed (loading takes seconds)."""
+    """The policy, its budget (``PROMPT_BUDGET`` where none is given) and the loaded model, once the
+    cheap checks have passed (loading takes seconds)."""
     if max_tokens < 0:
         raise SageKVError(f"--max-tokens must be >= 0, got {max_tokens}")
-    return make_policy(policy, budget), load(model_path, backend=backend, device=device, dtype=dtype)
+    budget = PROMPT_BUDGET if budget is None and policy != "full" else budget
+    return make_policy(policy, budget), budget, load(model_path, backend=backend, device=device, dtype=dtype)
 
 
 def json_record(result, model, policy: str, budget) -> dict:
@@ -155,7 +159,7 @@ def run_example(backend, model_path, policy, budget, device, dtype, as_json):
 @click.option("--model", "model_path", default=None, help=MODEL_HELP)
 @click.option("--policy", type=click.Choice(list(NAMED)), default="full", show_default=True,
               help="Eviction policy applied to the method's cache before decoding.")
-@click.option("--budget", type=int, default=None, help="KV entries kept per KV head (every policy but full).")
+@click.option("--budget", type=int, default=None, help=f"KV entries kept per KV head (every policy but full). Default: {PROMPT_BUDGET}.")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--device", default=None, help="torch device (cpu, cuda, cuda:1) or mlx device (cpu, gpu).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help=DTYPE_HELP)
@@ -172,7 +176,7 @@ def rag(doc_files, question, method, store_dir, backend, model_path, policy, bud
         raise SageKVError("give --question TEXT")
     if not question.strip():
         raise SageKVError("the question is empty")
-    chosen, model = policy_and_model(policy, budget, max_tokens, model_path, backend, device, dtype)
+    chosen, budget, model = policy_and_model(policy, budget, max_tokens, model_path, backend, device, dtype)
     pieces_ids, question_ids = prompt_ids(model, documents, question, max_tokens)  # before the store is touched
     store = None if store_dir is None else DocumentStore(store_dir, model.store_id)
     stream = None if as_json else TextStream(model)

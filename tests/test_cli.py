@@ -40,6 +40,17 @@ def test_run_json(checkpoint):
 
 
 @needs_torch
+def test_a_prompt_without_a_budget_gets_the_default_one(checkpoint):
+    from sagekv.cli import PROMPT_BUDGET
+
+    out = sagekv("run", "--backend", "torch", "--model", checkpoint, "--max-tokens", "2", "--prompt", "hi " * 600, "--json")
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    assert record["policy"] == {"name": DEFAULT_POLICY, "budget": PROMPT_BUDGET}
+    assert record["kv"]["kept_bytes"] == 2 * 2 * 2 * (PROMPT_BUDGET + 1) * 16 * 4 < record["kv"]["full_bytes"]
+
+
+@needs_torch
 def test_run_prompt_file_and_text_output(checkpoint, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("a long prompt " * 10)
@@ -68,7 +79,6 @@ def write(path, text):
         ("empty prompt", "the prompt is empty"),
         ("missing prompt file", "cannot read prompt file"),
         ("negative max tokens", "--max-tokens must be >= 0"),
-        ("missing budget", "--budget is required"),
         ("no model", "no model given and the bundled reference model is not installed"),
         ("unknown mlx device", "MLX devices are 'cpu' and 'gpu'"),
     ],
@@ -99,7 +109,6 @@ def test_bad_input_gives_one_line(case, message, tmp_path, checkpoint):
         "empty prompt": base + ["--prompt", "   "],
         "missing prompt file": ["run", "--model", checkpoint, "--budget", "8", "--prompt-file", str(tmp_path / "nope.txt")],
         "negative max tokens": base + ["--max-tokens", "-1"],
-        "missing budget": ["run", "--model", checkpoint, "--prompt", "hi"],
         "no model": ["run", "--budget", "8", "--prompt", "hi"],
         "unknown mlx device": base + ["--backend", "mlx", "--device", "banana"],
     }[case]
