@@ -199,6 +199,7 @@ def evaluate_in_workers(model, load_args: dict, devices: list, workers: int, *gr
     import multiprocessing
 
     merge_workers(out)
+    os.makedirs(out, exist_ok=True)
     check_run(out, model)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     processes, folders = [], [os.path.join(out, WORKERS, str(k)) for k in range(workers)]

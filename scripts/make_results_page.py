@@ -15,10 +15,11 @@ import os
 
 import sagekv
 from sagekv.analysis import SOLVED_SCORE, comparisons_markdown, solved_tasks
-from sagekv.evaluate import RAG_PLOT, evaluate, rag_markdown, split_cells, summary_markdown, task_label, write_file
+from sagekv.evaluate import (RAG_PLOT, evaluate, evaluate_in_workers, rag_markdown, split_cells, summary_markdown, task_label,
+                             write_file)
 from sagekv.policies import NAMED
 from sagekv.rag import METHODS
-from sagekv.tasks import DOCUMENT_TASKS, TASKS
+from sagekv.tasks import DEFAULT_HAYSTACK, DOCUMENT_TASKS, HAYSTACKS, TASKS
 
 LENGTHS = [2048, 4096, 8192]
 BUDGETS = [64, 128, 256, 512, 1024, 2048]
@@ -40,19 +41,35 @@ def main():
     parser.add_argument("--rag", action="store_true", help="also the RAG methods over stored documents")
     parser.add_argument("--rag-only", action="store_true", help="the RAG methods alone")
     parser.add_argument("--rag-lengths", default=",".join(map(str, RAG_LENGTHS)))
+    parser.add_argument("--rag-tasks", default=",".join(DOCUMENT_TASKS), help="tasks without documents are cut into them")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--haystacks", default=DEFAULT_HAYSTACK, help=f"from: {', '.join(HAYSTACKS)}")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--workers", type=int, default=1, help="eval processes side by side (sagekv eval --workers)")
     parser.add_argument("--out", default="results")
     args = parser.parse_args()
 
-    model = sagekv.load(args.model, backend=args.backend, device=args.device)
+    devices = args.device.split(",") if args.device else [None]
+    model = sagekv.load(args.model, backend=args.backend, device=devices[0], dtype=args.dtype)
+
+    def grid(task_list: str, lengths: str, policies: list, budgets: list, methods: list = ()):
+        for haystack in args.haystacks.split(","):
+            grid = (task_list.split(","), [int(n) for n in lengths.split(",")], policies, budgets, args.samples, 0)
+            options = dict(out=args.out, methods=methods, haystack=haystack)
+            if args.workers > 1:
+                load_args = dict(model=args.model, backend=args.backend, dtype=args.dtype)
+                metrics = evaluate_in_workers(model, load_args, devices, args.workers, *grid, **options)
+            else:
+                metrics = evaluate(model, *grid, **options)
+        return metrics
+
     if not args.rag_only:
-        metrics = evaluate(model, args.tasks.split(","), [int(n) for n in args.lengths.split(",")], POLICIES,
-                           [int(b) for b in args.budgets.split(",")], args.samples, 0, args.out)
+        metrics = grid(args.tasks, args.lengths, args.policies.split(","), [int(b) for b in args.budgets.split(",")])
     if args.rag or args.rag_only:
-        metrics = evaluate(model, list(DOCUMENT_TASKS), [int(n) for n in args.rag_lengths.split(",")], [], [],
-                           args.samples, 0, args.out, methods=list(METHODS))
+        metrics = grid(args.rag_tasks, args.rag_lengths, [], [], list(METHODS))
     policy_metrics, rag_metrics = split_cells(metrics)  # all the directory holds, of both kinds
     page = [f"# Results: {model.name} ({model.backend}, device {getattr(model.runner, 'device', 'default')})", "",
-            f"Regenerate with `{command_line(args)}` ({args.samples} evaluation seeds per task and length).", ""]
+            f"Regenerate with `{command_line(args, parser)}` ({args.samples} evaluation seeds per task and length).", ""]
     if not args.rag_only:
         page += policy_sections(policy_metrics)
     if args.rag or args.rag_only:
@@ -61,16 +78,14 @@ def main():
     print(f"wrote {args.out}/README.md")
 
 
-def command_line(args) -> str:
+def command_line(args, parser) -> str:
+    """The command that regenerates the page: the options given other than their defaults."""
     words = ["python scripts/make_results_page.py"]
     for name, value in vars(args).items():
         flag = "--" + name.replace("_", "-")
-        if args.rag_only and name in ("tasks", "lengths", "budgets"):
-            continue  # the policy grid's settings: unused
-        if value is True:
-            words.append(flag)
-        elif value not in (None, False) and (name, value) != ("out", "results"):
-            words.append(f"{flag} {value}")
+        if value == parser.get_default(name) or args.rag_only and name in ("tasks", "lengths", "budgets", "policies"):
+            continue  # a default, or the policy grid's settings where it is not run
+        words.append(flag if value is True else f"{flag} {value}")
     return " ".join(words)
 
 
