@@ -60,7 +60,7 @@ def matching_budget(metrics: list, policy: str, baseline: str, ratio: int, lengt
 
 def best_variant(metrics: list, variants: list) -> tuple:
     """(winner, {variant: mean accuracy over all lengths and budgets all variants share})."""
-    shared = set.intersection(*(set(budgets_of(metrics, v)) for v in variants))
+    shared = set.intersection(*(set(budgets_of(metrics, v)) for v in variants)) if variants else set()
     scores = defaultdict(list)
     for length in lengths_of(metrics):
         for budget in sorted(shared):
