@@ -175,13 +175,19 @@ class Runner:
         mx.eval([c.state for c in cache])
 
     def forward(self, ids, cache):
-        logits = self.model(mx.array(ids)[None], cache=cache)[0, -1]
+        tokens = ids.reshape(1, 1) if isinstance(ids, mx.array) else mx.array(ids)[None]
+        logits = self.model(tokens, cache=cache)[0, -1]
         # a decoder's kept positions feed no logit: evaluate its state so no graph grows per step
-        mx.eval(logits, [c.queries if c.decoder is None else c.decoder.state for c in cache])
+        mx.async_eval(logits, [c.queries if c.decoder is None else c.decoder.state for c in cache])
         return logits
 
-    def argmax(self, logits) -> int:
-        return int(mx.argmax(logits).item())
+    def next_token(self, logits):
+        token = mx.argmax(logits)
+        mx.async_eval(token)
+        return token
+
+    def token_id(self, token) -> int:
+        return int(token.item())
 
     def logits_numpy(self, logits):
         return np.array(logits.astype(mx.float32))

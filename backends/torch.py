@@ -187,7 +187,7 @@ class Runner:
     @torch.inference_mode()
     def forward(self, ids, cache):
         start = cache.get_seq_length()
-        input_ids = torch.tensor([ids], device=self.device)
+        input_ids = ids.reshape(1, 1) if isinstance(ids, torch.Tensor) else torch.tensor([ids], device=self.device)
         positions = torch.arange(start, start + len(ids), device=self.device)[None]
         with cache.active():
             out = self.model(
@@ -201,8 +201,11 @@ class Runner:
 
     prefill = forward
 
-    def argmax(self, logits) -> int:
-        return int(torch.argmax(logits).item())
+    def next_token(self, logits):
+        return torch.argmax(logits).reshape(1)
+
+    def token_id(self, token) -> int:
+        return int(token.item())
 
     def logits_numpy(self, logits):
         return logits.float().cpu().numpy()

@@ -30,11 +30,15 @@ class Runner(Protocol):
     def prefill(self, ids: list, cache):
         """Run prompt tokens through the model into ``cache``; any result is unused."""
 
-    def forward(self, ids: list, cache):
-        """Run tokens through the model into ``cache``; the last position's logits."""
+    def forward(self, ids, cache):
+        """Run tokens (a list of ids, or one token from :meth:`next_token`) through the model into
+        ``cache``; the last position's logits."""
 
-    def argmax(self, logits) -> int:
-        """The id of the highest logit."""
+    def next_token(self, logits):
+        """The id of the highest logit as a device array, computing without waiting for it."""
+
+    def token_id(self, token) -> int:
+        """A token from :meth:`next_token` on the host (waits for it)."""
 
     def logits_numpy(self, logits):
         """The logits as a float32 numpy array."""

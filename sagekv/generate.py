@@ -255,14 +255,18 @@ class SageModel:
 
         tokens = []
         start = time.perf_counter()
-        token = run.argmax(prefilled.logits)  # the first token comes from the full-attention prefill
-        while len(tokens) < max_tokens and token not in run.eos_ids:
+        pending = run.next_token(prefilled.logits)  # the first token comes from the full-attention prefill
+        while len(tokens) < max_tokens:
+            # the next step is queued before this token is read, so the device computes while the host
+            # waits and checks (as mlx-lm's loop); a step after end-of-sequence or a stop is discarded
+            ahead = run.next_token(run.forward(pending, cache)) if len(tokens) + 1 < max_tokens else None
+            token = run.token_id(pending)
+            if token in run.eos_ids:
+                break
             tokens.append(token)
             if on_token is not None and on_token(tokens):
                 break
-            if len(tokens) == max_tokens:
-                break
-            token = run.argmax(run.forward([token], cache))
+            pending = ahead
         decode_s = time.perf_counter() - start
         steps = max(len(tokens) - 1, 0)
         stats = Stats(prefilled.full_kv_bytes, kept_bytes, prefilled.seconds, select_s, decode_s, steps / decode_s if steps else 0.0)
