@@ -154,13 +154,14 @@ class Runner:
             if device not in ("cpu", "gpu"):
                 raise SageKVError(f"MLX devices are 'cpu' and 'gpu', got {device!r}")
             mx.set_default_device(mx.cpu if device == "cpu" else mx.gpu)
-        self.model, wrapper = load(path, model_config=legacy_rope_fields(config))
+        self.model, wrapper, self.config = load(path, model_config=legacy_rope_fields(config), return_config=True)
         self.tokenizer = wrapper._tokenizer  # the Hugging Face tokenizer mlx-lm wraps
         if dtype is not None:
             self.model.set_dtype(getattr(mx, dtype))
         install_attention(self.model)
         self.num_layers = len(self.model.layers)
         self.model_type = config.get("model_type", self.model.model_type)
+        self.dtype = str(self.model.model.norm.weight.dtype).removeprefix("mlx.core.")  # norms are never quantized
         self.eos_ids = set(wrapper.eos_token_ids or [])
         args = self.model.args
         self.max_positions = config.get("max_position_embeddings", getattr(args, "max_position_embeddings", None))
@@ -194,7 +195,7 @@ class Runner:
 
     def compress(self, cache, policy):
         if any(c.queries is None and c.decoder is None for c in cache):
-            raise RuntimeError("attention was not routed through sagekv; is this model family supported?")
+            raise SageKVError(f"attention of this {self.model_type} model was not routed through sagekv; its family is not supported")
         for layer, c in enumerate(cache):
             c.compress(policy, layer)
         mx.eval([c.decoder.state for c in cache if c.decoder is not None])

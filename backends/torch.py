@@ -171,6 +171,8 @@ class Runner:
         self.model.eval()
         self.num_layers = self.model.config.num_hidden_layers
         self.model_type = self.model.config.model_type
+        self.config = self.model.config.to_dict()
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         # transformers 5.24 renamed `past_key_values` to `cache` (the old name prints a FutureWarning)
@@ -213,7 +215,7 @@ class Runner:
     @torch.inference_mode()
     def compress(self, cache, policy):
         if any(layer.queries is None and layer.decoder is None for layer in cache.layers):
-            raise RuntimeError("attention was not routed through sagekv; is this model family supported?")
+            raise SageKVError(f"attention of this {self.model_type} model was not routed through sagekv; its family is not supported")
         for index, layer in enumerate(cache.layers):
             layer.compress(policy, index)
 

@@ -23,6 +23,10 @@ class Runner(Protocol):
     """The model family as config.json names it ("llama", "qwen2", ...)."""
     eos_ids: set
     """Token ids that end generation."""
+    config: dict
+    """The checkpoint's config (config.json's fields)."""
+    dtype: str
+    """The dtype the model computes in: "float32", "float16" or "bfloat16"."""
 
     def new_cache(self, observed_queries: int = 1):
         """An empty cache that records each layer's last ``observed_queries`` prompt queries."""

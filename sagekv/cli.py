@@ -18,6 +18,7 @@ from .tasks import DEFAULT_HAYSTACK, HAYSTACKS
 
 MODEL_HELP = f"Checkpoint directory, GGUF file, named model ({', '.join(MODELS)}) or Hugging Face id."
 PROMPT_BUDGET = 1024  # KV entries per KV head for a prompt of one's own: 1/8 of an 8K prompt, 1/32 of 32K
+MAX_TOKENS = 64
 DTYPE_HELP = "Default: the checkpoint's; float32 for a GGUF file (converted once per dtype)."
 
 
@@ -36,10 +37,10 @@ def cli():
               help=f"KV entries kept per KV head (every policy but full). Default: {PROMPT_BUDGET}; 256 for the built-in example.")
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-file", default=None, help="Read the prompt from this file.")
-@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--max-tokens", type=int, default=None, help=f"Default: {MAX_TOKENS}; 16 for the built-in example.")
 @click.option("--device", default=None, help="torch device (cpu, cuda, cuda:1) or mlx device (cpu, gpu).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help=DTYPE_HELP)
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template (instruct models).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template (instruct models; not the built-in example).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, device, dtype, chat, as_json):
     """Generate from a prompt with a KV-cache policy and report memory and timing.
@@ -51,9 +52,12 @@ def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, de
     if prompt_file is not None:
         prompt = read_text(prompt_file, "prompt file")
     if prompt is None:
-        return run_example(backend, model_path, policy, budget, device, dtype, as_json)
+        if chat:
+            raise SageKVError("--chat needs --prompt or --prompt-file (the built-in example is a plain task prompt)")
+        return run_example(backend, model_path, policy, budget, max_tokens, device, dtype, as_json)
     if not prompt.strip():
         raise SageKVError("the prompt is empty")
+    max_tokens = MAX_TOKENS if max_tokens is None else max_tokens
     chosen, budget, model = policy_and_model(policy, budget, max_tokens, model_path, backend, device, dtype)
     if as_json:
         result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat)
@@ -71,12 +75,13 @@ def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, de
     )
 
 
-def policy_and_model(policy: str, budget, max_tokens: int, model_path, backend, device, dtype) -> tuple:
-    """The policy, its budget (``PROMPT_BUDGET`` where none is given) and the loaded model, once the
+def policy_and_model(policy: str, budget, max_tokens: int, model_path, backend, device, dtype,
+                     default_budget: int = PROMPT_BUDGET) -> tuple:
+    """The policy, its budget (``default_budget`` where none is given) and the loaded model, once the
     cheap checks have passed (loading takes seconds)."""
     if max_tokens < 0:
         raise SageKVError(f"--max-tokens must be >= 0, got {max_tokens}")
-    budget = PROMPT_BUDGET if budget is None and policy != "full" else budget
+    budget = default_budget if budget is None and policy != "full" else budget
     return make_policy(policy, budget), budget, load(model_path, backend=backend, device=device, dtype=dtype)
 
 
@@ -132,14 +137,13 @@ def read_text(path: str, what: str) -> str:
         raise SageKVError(f"cannot read {what} {path}: {error.strerror if isinstance(error, OSError) else error}") from None
 
 
-def run_example(backend, model_path, policy, budget, device, dtype, as_json):
+def run_example(backend, model_path, policy, budget, max_tokens, device, dtype, as_json):
     """No prompt: a built-in task sample, answered with full attention and with the policy."""
     from . import demo
 
-    budget = demo.BUDGET if budget is None and policy != "full" else budget
-    chosen = make_policy(policy, budget)
-    model = load(model_path, backend=backend, device=device, dtype=dtype)
-    example = demo.run_example(model, chosen)
+    max_tokens = demo.MAX_TOKENS if max_tokens is None else max_tokens
+    chosen, budget, model = policy_and_model(policy, budget, max_tokens, model_path, backend, device, dtype, demo.BUDGET)
+    example = demo.run_example(model, chosen, max_tokens)
     if as_json:
         record = json_record(example.evicted, model, policy, budget)
         record.update(expected=example.sample.answer, full_text=example.full.text, task=example.sample.task)
@@ -227,7 +231,8 @@ DEFAULT_POLICIES = f"full,sagekv,{DEFAULT_POLICY},streaming,snapkv,quest"
 def eval_command(backend, model_path, task_list, lengths, policies, methods, budgets, haystack, samples, seed, out, device, dtype,
                  workers, quiet):
     """Accuracy against KV budget for several policies, tasks and lengths; and RAG methods over stored documents."""
-    from .evaluate import POLICY_PLOT, RAG_PLOT, cells, check_tasks, evaluate, evaluate_in_workers, parse_list, rag_cells, split_cells
+    from .evaluate import (POLICY_PLOT, RAG_PLOT, cells, check_tasks, evaluate, evaluate_in_workers, parse_list, rag_cells,
+                           read_predictions, split_cells)
     from .tasks import EVAL_SEEDS
 
     if samples < 1:
@@ -253,13 +258,16 @@ def eval_command(backend, model_path, task_list, lengths, policies, methods, bud
     rag_cells(method_names)
     model = load(model_path, backend=backend, device=devices[0], dtype=dtype)
     grid = (task_specs, length_list, policy_names, budget_list, samples, seed)
+    predictions = os.path.join(out, "predictions.jsonl")
+    before = len(read_predictions(predictions))
     if workers > 1:
         metrics = evaluate_in_workers(model, dict(model=model_path, backend=backend, dtype=dtype), devices, workers, *grid,
                                       out=out, progress=not quiet, methods=method_names, haystack=haystack)
     else:
         metrics = evaluate(model, *grid, out, progress=not quiet, methods=method_names, haystack=haystack)
     plots = [name for name, cells_of_kind in zip((POLICY_PLOT, RAG_PLOT), split_cells(metrics)) if cells_of_kind]
-    click.echo(f"{len(metrics)} cells written to {out}/ (metrics.json, predictions.jsonl, summary.md, {', '.join(plots)})")
+    new = len(read_predictions(predictions)) - before
+    click.echo(f"{new} new records; {len(metrics)} cells in {out}/ (metrics.json, predictions.jsonl, summary.md, {', '.join(plots)})")
 
 
 def main(argv=None) -> int:
@@ -274,9 +282,9 @@ def main(argv=None) -> int:
     except click.ClickException as error:
         click.echo(f"error: {error.format_message()}", err=True)
         return error.exit_code
-    except click.Abort:
-        click.echo("error: aborted", err=True)
-        return 1
+    except (KeyboardInterrupt, click.Abort):  # click turns Ctrl-C into Abort
+        click.echo("error: interrupted", err=True)
+        return 130  # 128 + SIGINT, as shells report it
     except OSError as error:  # the file system refused (a path that is a file, no permission, disk full)
         click.echo(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)
         return 1

@@ -10,6 +10,7 @@ from . import tasks
 from .policies import Full
 
 TASK, LENGTH, SEED, BUDGET = "multi_key", 4096, 0, 256
+MAX_TOKENS = 16  # the answer is a few digits
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Example:
         return sum(any(wanted <= set(row.tolist()) for row in np.atleast_2d(layer)) for layer in kept)
 
 
-def run_example(model, policy, max_tokens: int = 16) -> Example:
+def run_example(model, policy, max_tokens: int = MAX_TOKENS) -> Example:
     sample = tasks.generate_in_tokens(TASK, LENGTH, SEED, model.encode)
     ids = model.encode(sample.prompt)
     prefilled = model.prefill(ids, policy.observed_queries)

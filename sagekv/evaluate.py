@@ -341,18 +341,26 @@ def read_predictions(path: str) -> list:
 
 
 def check_run(out: str, model) -> None:
-    """A results directory belongs to one model (its weights too) and backend; refuse to mix runs."""
+    """A results directory belongs to one model (its weights too), backend and dtype; refuse to mix runs.
+
+    A run.json written before dtypes were recorded names none: its directory takes any dtype and the file
+    is left as it is (the dtype of the runs it holds is not known: the reference model's results were
+    made in its checkpoint's bfloat16, results/smollm2 in bfloat16 asked of a float32 default)."""
     path = os.path.join(out, "run.json")
-    identity = {"model": model.name, "backend": model.backend, "weights": model.weights}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            previous = json.load(f)
-        if previous != identity:
-            same_name = (previous.get("model"), previous.get("backend")) == (model.name, model.backend)
-            raise SageKVError(f"{out} holds results of {'other weights of ' if same_name else ''}{previous.get('model')} "
-                              f"on {previous.get('backend')}; use another --out")
-    else:
+    identity = {"model": model.name, "backend": model.backend, "weights": model.weights, "dtype": model.dtype}
+    if not os.path.exists(path):
         write_file(path, json.dumps(identity))
+        return
+    with open(path, encoding="utf-8") as f:
+        previous = json.load(f)
+    previous_dtype = previous.get("dtype", model.dtype)
+    if {**previous, "dtype": previous_dtype} != identity:
+        same_name = (previous.get("model"), previous.get("backend")) == (model.name, model.backend)
+        if same_name and previous.get("weights") == model.weights:
+            raise SageKVError(f"{out} holds results of {model.name} in {previous_dtype}, not {model.dtype}; "
+                              f"pass --dtype {previous_dtype} or use another --out")
+        raise SageKVError(f"{out} holds results of {'other weights of ' if same_name else ''}{previous.get('model')} "
+                          f"on {previous.get('backend')}; use another --out")
 
 
 def check_answers(path: str, records: list, cases: list) -> None:
@@ -561,7 +569,7 @@ def plot_rag(metrics: list, path: str) -> None:
 def progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, disable=not enabled, unit="cell", desc="sagekv eval", dynamic_ncols=True)
+    return tqdm(total=total, disable=not enabled, unit="record", desc="sagekv eval", dynamic_ncols=True)  # a sample in a cell
 
 
 def parse_list(text: Optional[str], cast, what: str) -> list:

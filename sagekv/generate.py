@@ -64,6 +64,7 @@ def read_config(path: str) -> dict:
     if not isinstance(config, dict):
         raise SageKVError(f"{config_path} is not a JSON object")
     check_model_type(config.get("model_type"))
+    check_attention(config)
     return config
 
 
@@ -72,6 +73,24 @@ def check_model_type(model_type) -> None:
         raise SageKVError(
             f"unsupported model type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+
+
+def check_attention(config: dict) -> None:
+    """Refuse attention that the eviction caches do not reproduce in decode: a sliding window narrower
+    than the context, and logit soft-capping (a config that sets it was made for a model using it)."""
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    layer_types = config.get("layer_types")
+    if layer_types is not None:  # transformers 5 writes which layers slide
+        sliding = "sliding_attention" in layer_types
+    else:  # as transformers reads Mistral's and Qwen's fields: Qwen slides only from layer max_window_layers
+        context = config.get("max_position_embeddings") or float("inf")
+        sliding = window is not None and window < context and config.get("num_hidden_layers", 1) > config.get(
+            "max_window_layers", 0)
+    if sliding:
+        raise SageKVError(f"sliding_window={window} is not supported (decode attends to every kept entry)")
+    for setting in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if config.get(setting) is not None:
+            raise SageKVError(f"{setting}={config[setting]} is not supported (decode does not soft-cap logits)")
 
 
 def legacy_rope_fields(config: dict) -> dict:
@@ -122,6 +141,7 @@ def load(model: Optional[str] = None, backend: Optional[str] = None, device=None
     except Exception as error:  # loaders raise many types; the user needs the first line
         raise SageKVError(f"cannot load model {model} with {module.Runner.name}: {first_line(error)}") from None
     check_model_type(runner.model_type)  # a hub id's config is only seen by the loader
+    check_attention(runner.config)
     return SageModel(runner, name, None if random_weights else weights_fingerprint(model))
 
 
@@ -157,7 +177,7 @@ class SageModel:
 
     def __init__(self, runner: Runner, name: str, weights: Optional[str] = None):
         self.runner, self.name, self.weights = runner, name, weights
-        self.backend = runner.name
+        self.backend, self.dtype = runner.name, runner.dtype
 
     def encode(self, text: str, chat: bool = False) -> list:
         """Token ids of ``text``, or of a one-turn chat asking it with the model's chat template."""
@@ -210,7 +230,9 @@ class SageModel:
         """
         policy = Full() if policy is None else policy
         check_policy(policy)
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, str):
+            raise SageKVError(f"prompt must be a str, got {type(prompt).__name__}")
+        if not prompt.strip():
             raise SageKVError("the prompt is empty")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
             raise SageKVError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
@@ -232,7 +254,7 @@ class SageModel:
             run.prefill(ids[i : min(i + prefill_chunk, len(ids) - 1)], cache)
         logits = run.forward(ids[-1:], cache)  # the last token alone: its query guides selection
         run.sync()
-        return Prefilled(cache, logits, len(ids), run.kv_bytes(cache), time.perf_counter() - start)
+        return Prefilled(cache, logits, len(ids), run.kv_bytes(cache), time.perf_counter() - start, observed_queries)
 
     def decode(self, prefilled: "Prefilled", policy, max_tokens: int, keep_prefill: bool = True, on_token=None) -> Result:
         """Select with ``policy``, then decode greedily.
@@ -243,6 +265,7 @@ class SageModel:
         run = self.runner
         policy = Full() if policy is None else policy
         check_policy(policy)
+        check_observed(prefilled, policy)
         cache = run.clone_cache(prefilled.cache) if keep_prefill else prefilled.cache
         if not keep_prefill:
             prefilled.cache = None
@@ -278,6 +301,16 @@ def check_policy(policy) -> None:
         raise SageKVError(f"policy must be a sagekv policy such as sagekv.SageKV(budget), got {policy!r}")
 
 
+def check_observed(prefilled: "Prefilled", policy) -> None:
+    """A policy scoring with its last W prompt queries needs a prefill that kept that many (or the whole prompt)."""
+    if prefilled.observed_queries is None:
+        return
+    needed = min(policy.observed_queries, prefilled.prompt_tokens)
+    if max(prefilled.observed_queries, 1) < needed:
+        raise SageKVError(f"{policy.name} needs the last {needed} prompt queries but the prefill observed "
+                          f"{prefilled.observed_queries}: prefill with observed_queries={policy.observed_queries}")
+
+
 @dataclass
 class Prefilled:
     """A prompt's full cache and last logits after prefill."""
@@ -287,3 +320,6 @@ class Prefilled:
     prompt_tokens: int
     full_kv_bytes: int
     seconds: float
+    observed_queries: Optional[int] = None
+    """Prompt queries each layer kept for selection; None for a cache whose layers check it
+    themselves (assembled from stored documents, :mod:`sagekv.rag`)."""

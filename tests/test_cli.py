@@ -81,6 +81,11 @@ def write(path, text):
         ("negative max tokens", "--max-tokens must be >= 0"),
         ("no model", "no model given and the bundled reference model is not installed"),
         ("unknown mlx device", "MLX devices are 'cpu' and 'gpu'"),
+        ("chat with the example", "--chat needs --prompt or --prompt-file"),
+        ("negative max tokens with the example", "--max-tokens must be >= 0, got -3"),
+        ("mistral sliding window", "sliding_window=64 is not supported"),
+        ("qwen sliding window", "sliding_window=64 is not supported"),
+        ("soft-capping", "attn_logit_softcapping=50.0 is not supported"),
     ],
 )
 def test_bad_input_gives_one_line(case, message, tmp_path, checkpoint):
@@ -94,6 +99,15 @@ def test_bad_input_gives_one_line(case, message, tmp_path, checkpoint):
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     write(gpt2 / "config.json", json.dumps({"model_type": "gpt2"}))
+    configs = {  # refused before the weights are looked for
+        "mistral sliding window": {"model_type": "mistral", "sliding_window": 64, "max_position_embeddings": 4096},
+        "qwen sliding window": {"model_type": "qwen2", "sliding_window": 64, "use_sliding_window": True,
+                                "layer_types": ["full_attention", "sliding_attention"]},
+        "soft-capping": {"model_type": "llama", "attn_logit_softcapping": 50.0},
+    }
+    for name, config in configs.items():
+        (tmp_path / name).mkdir()
+        write(tmp_path / name / "config.json", json.dumps(config))
     empty_dir = tmp_path / "nothing"
     empty_dir.mkdir()
     base = ["run", "--backend", "torch", "--model", checkpoint, "--budget", "8", "--prompt", "hi there"]
@@ -111,6 +125,9 @@ def test_bad_input_gives_one_line(case, message, tmp_path, checkpoint):
         "negative max tokens": base + ["--max-tokens", "-1"],
         "no model": ["run", "--budget", "8", "--prompt", "hi"],
         "unknown mlx device": base + ["--backend", "mlx", "--device", "banana"],
+        "chat with the example": ["run", "--model", checkpoint, "--chat"],
+        "negative max tokens with the example": ["run", "--model", checkpoint, "--max-tokens", "-3"],
+        **{name: base + ["--model", str(tmp_path / name)] for name in configs},
     }[case]
     out = sagekv(*args)
     assert out.returncode != 0
@@ -136,6 +153,19 @@ def test_load_errors_are_sagekv_errors(tmp_path):
     assert os.path.isdir(tmp_path)
 
 
+def test_only_an_active_sliding_window_is_refused():
+    from sagekv.generate import check_attention
+
+    check_attention({"model_type": "mistral", "sliding_window": None, "max_position_embeddings": 4096})
+    check_attention({"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 4096})
+    check_attention({"model_type": "qwen2", "sliding_window": 64, "use_sliding_window": False})
+    check_attention({"model_type": "qwen2", "sliding_window": 64, "use_sliding_window": True, "num_hidden_layers": 24,
+                     "max_window_layers": 28})  # transformers slides only from layer max_window_layers
+    with pytest.raises(ValueError, match="sliding_window=64"):
+        check_attention({"model_type": "qwen2", "sliding_window": 64, "use_sliding_window": True, "num_hidden_layers": 24,
+                         "max_window_layers": 20})
+
+
 @needs_torch
 def test_run_without_prompt_shows_the_built_in_example(checkpoint):
     out = sagekv("run", "--backend", "torch", "--model", checkpoint, "--device", "cpu")
@@ -143,9 +173,29 @@ def test_run_without_prompt_shows_the_built_in_example(checkpoint):
     text = out.stdout
     assert "Built-in example: multi_key" in text and "expected" in text and "full attention" in text
     assert f"{DEFAULT_POLICY} B=256" in text and "of full" in text and "positions per head" in text
-    record = json.loads(sagekv("run", "--backend", "torch", "--model", checkpoint, "--json", "--policy", "streaming").stdout)
+    record = json.loads(sagekv("run", "--backend", "torch", "--model", checkpoint, "--json", "--policy", "streaming",
+                               "--max-tokens", "2").stdout)
     assert record["policy"] == {"name": "streaming", "budget": 256} and record["task"] == "multi_key"
     assert record["expected"].isdigit() and record["kv"]["kept_bytes"] < record["kv"]["full_bytes"]
+    assert len(record["tokens"]) <= 2  # --max-tokens is honoured
+
+
+def test_interrupt_exits_130_with_one_line():
+    code = ("import sys, sagekv.cli as cli\n"
+            "def interrupted(*args, **kwargs): raise KeyboardInterrupt\n"
+            "cli.load = interrupted\n"
+            "sys.exit(cli.main(['run', '--prompt', 'hi']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 130
+    assert out.stderr.strip().splitlines() == ["error: interrupted"] and out.stdout == ""
+
+
+@needs_torch
+def test_a_prompt_that_is_not_text_is_a_type_error(checkpoint):
+    import sagekv
+
+    with pytest.raises(sagekv.SageKVError, match="^prompt must be a str, got bytes$"):
+        sagekv.load(checkpoint, backend="torch", device="cpu").generate(b"abc")
 
 
 @needs_torch

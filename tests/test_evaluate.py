@@ -196,6 +196,26 @@ def test_eval_refuses_a_retrained_model_and_changed_samples(tiny_checkpoints, tm
     assert open(predictions).read() == before  # refused without touching the results
 
 
+def test_eval_refuses_another_dtype_and_takes_a_legacy_directory(tiny_checkpoints, tmp_path):
+    """run.json records the dtype; one written before dtypes were recorded takes any and stays as it is."""
+    import sagekv
+    from sagekv.evaluate import evaluate
+
+    checkpoint, out = tiny_checkpoints["llama"], str(tmp_path / "run")
+    args = (["single_needle"], [512], ["full"], [64], 1, 0, out)
+    float32 = sagekv.load(checkpoint, backend="torch", device="cpu", dtype="float32")
+    bfloat16 = sagekv.load(checkpoint, backend="torch", device="cpu", dtype="bfloat16")
+    evaluate(float32, *args, progress=False)
+    run_json = os.path.join(out, "run.json")
+    assert json.load(open(run_json))["dtype"] == "float32"
+    with pytest.raises(SageKVError, match="holds results of .* in float32, not bfloat16; pass --dtype float32"):
+        evaluate(bfloat16, *args, progress=False)
+    legacy = {k: v for k, v in json.load(open(run_json)).items() if k != "dtype"}
+    open(run_json, "w").write(json.dumps(legacy))
+    evaluate(bfloat16, *args, progress=False)
+    assert json.load(open(run_json)) == legacy
+
+
 PASSAGES = [
     {"context": "Passage 1:\nOstra\n" + "The river Ostra flows north past the mill. " * 3 + "\nPassage 2:\nVelm\nThe town of Velm "
                 "lies on the Ostra.\n",
@@ -376,7 +396,8 @@ def test_eval_in_workers_gives_one_process_records(tiny_checkpoints, tmp_path):
     (tmp_path / "split").mkdir()
     (tmp_path / "split" / "predictions.jsonl").write_text("".join(lines[:5]))
     stdout = run("split", "--workers", "3", "--device", "cpu,cpu")  # resumes the five records already there
-    assert stdout.strip().startswith("6 cells written")
+    assert stdout.strip().startswith("13 new records; 6 cells in")
+    assert run("split").strip().startswith("0 new records; 6 cells in")  # a re-run: nothing left to do
     timed = ("prefill_s", "select_s", "decode_s", "decode_tokens_per_s", "ttft_s", "store_s")
     untimed = lambda out: sorted(json.dumps({k: v for k, v in r.items() if k not in timed}, sort_keys=True)  # noqa: E731
                                  for r in read_records(tmp_path / out))

@@ -145,3 +145,23 @@ def test_quest_reports_full_memory(tiny_models):
 def test_validation(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_decode_refuses_a_prefill_that_observed_too_few_queries(tiny_models, backend):
+    """SnapKV scores with its last ``window`` prompt queries: a prefill that kept fewer is refused,
+    unless the prompt is no longer than what it kept."""
+    model = tiny_models("llama", backend)
+    policy = sagekv.SnapKV(48, window=8)
+    ids = model.encode(generate("single_needle", 400, seed=0).prompt)
+    with pytest.raises(sagekv.SageKVError, match="snapkv needs the last 8 prompt queries but the prefill observed 4"):
+        model.decode(model.prefill(ids, 4), policy, 2)
+    assert model.decode(model.prefill(ids, 8), policy, 2).tokens
+    assert model.decode(model.prefill(ids[:3], 3), policy, 2).tokens  # the whole prompt observed
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_unrouted_attention_is_a_sagekv_error(tiny_models, backend):
+    runner = tiny_models("llama", backend).runner
+    with pytest.raises(sagekv.SageKVError, match="was not routed through sagekv"):
+        runner.compress(runner.new_cache(), sagekv.SnapKV(48, window=8))
