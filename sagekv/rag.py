@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Union
 
 import numpy as np
 
@@ -281,7 +281,8 @@ class SamKV(RagMethod):
     is 1 (that implementation gives 0, keeping nothing of a document whose every block outranks
     its anchors).
 
-    Not in the paper: ``query="last"`` scores with the question's last token's query instead of its
+    ``layers``: the last ``layers`` layers select (the re-implementation's choice), or a tuple of
+    layer indices. Not in the paper: ``query="last"`` scores with the question's last token's query instead of its
     mean (the query SAGE-KV selects with); ``max_kept=s`` scales every document's ratio down until
     at most the share ``s`` of document tokens is kept (anchors are always kept). ``recompute=False``
     is the paper's ablation: the kept entries are used as stored.
@@ -290,7 +291,7 @@ class SamKV(RagMethod):
     initial: int = 8
     local: int = 16
     block: int = 8
-    layers: int = 4
+    layers: Union[int, tuple] = 4
     update: str = "overwrite"
     theta: float = 0.9
     query: str = "mean"
@@ -302,7 +303,12 @@ class SamKV(RagMethod):
         check_int("initial", self.initial, 0)
         check_int("local", self.local, 1)
         check_int("block", self.block, 1)
-        check_int("layers", self.layers, 1)
+        if isinstance(self.layers, tuple):
+            if not self.layers or any(isinstance(n, bool) or not isinstance(n, int) for n in self.layers) \
+                    or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 0:
+                raise SageKVError(f"layers must be a count or ascending layer indices from 0, got {self.layers!r}")
+        else:
+            check_int("layers", self.layers, 1)
         if self.update not in ("overwrite", "fusion"):
             raise SageKVError(f"update must be 'overwrite' or 'fusion', got {self.update!r}")
         if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not 0 < self.theta <= 1:
@@ -316,7 +322,11 @@ class SamKV(RagMethod):
             raise SageKVError(f"local must be at most {QUERY_TAIL} (the stored query tail), got {self.local}")
 
     def selection_layers(self, num_layers: int) -> list:
-        return list(range(max(num_layers - self.layers, 0), num_layers))
+        if isinstance(self.layers, int):
+            return list(range(max(num_layers - self.layers, 0), num_layers))
+        if self.layers[-1] >= num_layers:
+            raise SageKVError(f"selection layer {self.layers[-1]} is beyond the model's {num_layers} layers")
+        return list(self.layers)
 
     def anchors(self, n: int) -> np.ndarray:
         if n <= self.initial + self.local:

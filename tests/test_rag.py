@@ -20,6 +20,7 @@ TOKENS = 8
 EVERYTHING = [rag.CacheBlend(ratios=(1.0,)), rag.EPIC(k=10**6), rag.SamKV(initial=10**4, local=16)]
 METHODS = [rag.FullRecompute(), rag.Reuse(), rag.EPIC(), rag.CacheBlend(), rag.CacheBlend(ratios=(0.5, 0.2), check_layers=(1, 2)),
            rag.SamKV(), rag.SamKV(update="fusion"), rag.SamKV(layers=1, initial=4, local=4, block=4),
+           rag.SamKV(layers=(0, 2), initial=4, local=4, block=4),
            rag.SamKV(query="last", max_kept=0.3, initial=2, local=2, block=4)]
 
 
@@ -254,6 +255,7 @@ def test_sagekv_policy_after_a_method(load):
         (lambda m: m.rag(["word " * 1000], QUESTION), "exceed the 4096 positions"),
         (lambda m: m.rag(DOCUMENTS, QUESTION, max_tokens=-1), "max_tokens must be a non-negative integer"),
         (lambda m: m.rag(DOCUMENTS, QUESTION, method=rag.CacheBlend(check_layers=(3,))), "check layers must come before"),
+        (lambda m: m.rag(DOCUMENTS, QUESTION, method=rag.SamKV(layers=(1, 9))), "selection layer 9 is beyond the model's 4 layers"),
     ],
 )
 def test_bad_input_is_one_line(load, call, message):
@@ -275,6 +277,8 @@ def test_bad_input_is_one_line(load, call, message):
         (lambda: rag.CacheBlend(ratios=(0.1, 0.2), check_layers=(1, 2)), "not increase"),
         (lambda: rag.CacheBlend(ratios=(0.1,), check_layers=(1, 2)), "one ratio per check layer"),
         (lambda: rag.CacheBlend(check_layers=(0,)), "ascending layer indices from 1"),
+        (lambda: rag.SamKV(layers=(2, 1)), "layers must be a count or ascending layer indices from 0"),
+        (lambda: rag.SamKV(layers=()), "layers must be a count or ascending layer indices from 0"),
     ],
 )
 def test_bad_method_settings(make, message):
