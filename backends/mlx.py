@@ -43,6 +43,31 @@ class MlxOps(Ops):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
+def filtered_logits(logits, sampler):
+    """float32 logits / temperature, -inf where top-k or top-p leave a token out (as transformers' warpers)."""
+    logits = logits.astype(mx.float32) / sampler.temperature
+    if 0 < sampler.top_k < logits.shape[-1]:
+        logits = mx.where(logits < mx.topk(logits, sampler.top_k).min(), -mx.inf, logits)
+    if sampler.top_p < 1:
+        order = mx.argsort(-logits)
+        probs = mx.softmax(logits[order], precise=True)
+        # a token goes once those above it reach top_p, so the first always stays
+        dropped = mx.cumsum(probs) - probs >= sampler.top_p
+        logits = mx.where(mx.put_along_axis(dropped, order, dropped, axis=-1), -mx.inf, logits)
+    return logits
+
+
+class Draw:
+    """One generation's draws: a key from the sampler's seed, split for each token."""
+
+    def __init__(self, sampler):
+        self.sampler, self.key = sampler, mx.random.key(sampler.seed)
+
+    def __call__(self, logits):
+        self.key, key = mx.random.split(self.key)
+        return mx.random.categorical(filtered_logits(logits, self.sampler), key=key)
+
+
 STORED_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16"}  # safetensors' names
 
 
@@ -182,8 +207,11 @@ class Runner:
         mx.async_eval(logits, [c.queries if c.decoder is None else c.decoder.state for c in cache])
         return logits
 
-    def next_token(self, logits):
-        token = mx.argmax(logits)
+    def new_draw(self, sampler):
+        return Draw(sampler)
+
+    def next_token(self, logits, draw=None):
+        token = mx.argmax(logits) if draw is None else draw(logits)
         mx.async_eval(token)
         return token
 

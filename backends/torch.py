@@ -146,6 +146,32 @@ def sagekv_attention(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register(ATTENTION, sagekv_attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
+def filtered_logits(logits, sampler):
+    """float32 logits / temperature, -inf where top-k or top-p leave a token out (as transformers' warpers)."""
+    logits = logits.float() / sampler.temperature
+    if 0 < sampler.top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < torch.topk(logits, sampler.top_k).values[-1], -torch.inf)
+    if sampler.top_p < 1:
+        ordered, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(ordered, dim=-1)
+        # a token goes once those above it reach top_p, so the first always stays
+        dropped = probs.cumsum(dim=-1) - probs >= sampler.top_p
+        logits = logits.masked_fill(dropped.scatter(0, order, dropped), -torch.inf)
+    return logits
+
+
+class Draw:
+    """One generation's draws: a generator on the model's device, seeded with the sampler's seed."""
+
+    def __init__(self, sampler, device):
+        self.sampler = sampler
+        self.generator = torch.Generator(device).manual_seed(sampler.seed)
+
+    def __call__(self, logits):
+        probs = torch.softmax(filtered_logits(logits, self.sampler), dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator)
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STORED_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}  # safetensors' names
 
@@ -203,8 +229,11 @@ class Runner:
 
     prefill = forward
 
-    def next_token(self, logits):
-        return torch.argmax(logits).reshape(1)
+    def new_draw(self, sampler):
+        return Draw(sampler, self.device)
+
+    def next_token(self, logits, draw=None):
+        return torch.argmax(logits).reshape(1) if draw is None else draw(logits)
 
     def token_id(self, token) -> int:
         return int(token.item())

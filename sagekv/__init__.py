@@ -7,6 +7,7 @@ from .errors import SageKVError
 from .generate import Result, SageModel, Stats, load
 from .policies import TOVA, Full, Knorm, Quest, Random, SageKV, SnapKV, StreamingLLM, make_policy
 from .rag import EPIC, CacheBlend, FullRecompute, Reuse, SamKV
+from .sampling import Sampler
 from .selection import select
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "SageKV",
     "SageKVError",
     "SageModel",
+    "Sampler",
     "Stats",
     "StreamingLLM",
     "load",

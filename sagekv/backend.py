@@ -38,8 +38,13 @@ class Runner(Protocol):
         """Run tokens (a list of ids, or one token from :meth:`next_token`) through the model into
         ``cache``; the last position's logits."""
 
-    def next_token(self, logits):
-        """The id of the highest logit as a device array, computing without waiting for it."""
+    def new_draw(self, sampler):
+        """Random state for one generation drawing with ``sampler`` (a seeded, non-greedy
+        :class:`sagekv.Sampler`): the same seed draws the same tokens."""
+
+    def next_token(self, logits, draw=None):
+        """The next token's id as a device array, computing without waiting for it: the highest logit,
+        or drawn by ``draw`` (from :meth:`new_draw`) from the sampler's filtered distribution."""
 
     def token_id(self, token) -> int:
         """A token from :meth:`next_token` on the host (waits for it)."""

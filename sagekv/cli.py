@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from .generate import DTYPES, load
 from .gguf import MODELS
 from .policies import DEFAULT_POLICY, NAMED, make_policy
 from .rag import METHODS, make_method, prompt_ids, rag_ids
+from .sampling import Sampler
 from .store import DocumentStore
 from .tasks import DEFAULT_HAYSTACK, HAYSTACKS
 
@@ -20,6 +22,28 @@ MODEL_HELP = f"Checkpoint directory, GGUF file, named model ({', '.join(MODELS)}
 PROMPT_BUDGET = 1024  # KV entries per KV head for a prompt of one's own: 1/8 of an 8K prompt, 1/32 of 32K
 MAX_TOKENS = 64
 DTYPE_HELP = "Default: the checkpoint's; float32 for a GGUF file (converted once per dtype)."
+
+
+def sampling_options(seed_flag: str = "--seed", seed_default=None, seed_help: str = "Sampling seed: the same seed gives "
+                     "the same text on one backend. Default: a fresh one (printed)."):
+    """--temperature, --top-p, --top-k and the seed option, passed to the command as one ``sampler``
+    (checked before the model loads)."""
+    def decorate(command):
+        @functools.wraps(command)
+        def with_sampler(*args, temperature, top_p, top_k, sampling_seed, **kwargs):
+            return command(*args, sampler=Sampler(temperature, top_p, top_k, sampling_seed), **kwargs)
+
+        options = [
+            click.option("--temperature", type=float, default=0.0, show_default=True, help="0 decodes greedily; above 0, tokens are sampled."),
+            click.option("--top-p", type=float, default=1.0, show_default=True, help="Sample from the fewest most probable tokens reaching this probability (1: all)."),
+            click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k most probable tokens (0: all)."),
+            click.option(seed_flag, "sampling_seed", type=int, default=seed_default, show_default=seed_default is not None, help=seed_help),
+        ]
+        for option in reversed(options):
+            with_sampler = option(with_sampler)
+        return with_sampler
+
+    return decorate
 
 
 @click.group()
@@ -42,11 +66,13 @@ def cli():
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help=DTYPE_HELP)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template (instruct models; not the built-in example).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, device, dtype, chat, as_json):
+@sampling_options()
+def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, device, dtype, chat, as_json, sampler):
     """Generate from a prompt with a KV-cache policy and report memory and timing.
 
     Without --prompt or --prompt-file: a built-in task example, full attention against the policy.
     """
+    sampler = sampler.seeded()  # a seed drawn here is reported, so the text can be reproduced
     if prompt is not None and prompt_file is not None:
         raise SageKVError("give either --prompt or --prompt-file, not both")
     if prompt_file is not None:
@@ -54,21 +80,21 @@ def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, de
     if prompt is None:
         if chat:
             raise SageKVError("--chat needs --prompt or --prompt-file (the built-in example is a plain task prompt)")
-        return run_example(backend, model_path, policy, budget, max_tokens, device, dtype, as_json)
+        return run_example(backend, model_path, policy, budget, max_tokens, device, dtype, as_json, sampler)
     if not prompt.strip():
         raise SageKVError("the prompt is empty")
     max_tokens = MAX_TOKENS if max_tokens is None else max_tokens
     chosen, budget, model = policy_and_model(policy, budget, max_tokens, model_path, backend, device, dtype)
     if as_json:
-        result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat)
-        click.echo(json.dumps(json_record(result, model, policy, budget)))
+        result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat, sampler=sampler)
+        click.echo(json.dumps(json_record(result, model, policy, budget, sampler)))
         return
     stream = TextStream(model)
-    result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat, on_token=stream)
+    result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat, on_token=stream, sampler=sampler)
     stream.finish(result.text)
     s = result.stats
     click.echo(
-        f"[{model.backend} | {policy_label(policy, budget)} | "
+        f"[{model.backend} | {policy_label(policy, budget)}{sampler_label(sampler)} | "
         f"prompt {result.prompt_tokens} tokens | KV {s.full_kv_bytes / 2**20:.2f} MiB -> {s.kept_kv_bytes / 2**20:.2f} MiB | "
         f"prefill {s.prefill_s:.2f}s select {s.select_s:.3f}s decode {s.decode_tokens_per_s:.1f} tok/s]",
         err=True,
@@ -85,7 +111,7 @@ def policy_and_model(policy: str, budget, max_tokens: int, model_path, backend, 
     return make_policy(policy, budget), budget, load(model_path, backend=backend, device=device, dtype=dtype)
 
 
-def json_record(result, model, policy: str, budget) -> dict:
+def json_record(result, model, policy: str, budget, sampler) -> dict:
     s = result.stats
     return {
         "text": result.text,
@@ -96,7 +122,18 @@ def json_record(result, model, policy: str, budget) -> dict:
         "model": model.name,
         "kv": {"full_bytes": s.full_kv_bytes, "kept_bytes": s.kept_kv_bytes},
         "timing": rounded_timing(s.decode_tokens_per_s, prefill_s=s.prefill_s, select_s=s.select_s, decode_s=s.decode_s),
+        **sampling_record(sampler),
     }
+
+
+def sampling_record(sampler) -> dict:
+    """A JSON record's sampling settings; none for greedy decoding."""
+    return {"sampling": sampler.record()} if sampler.record() else {}
+
+
+def sampler_label(sampler) -> str:
+    """What a report line adds for sampled text."""
+    return "" if sampler.greedy else f" | sampled: {sampler.describe()}"
 
 
 def policy_record(policy: str, budget) -> dict:
@@ -137,20 +174,20 @@ def read_text(path: str, what: str) -> str:
         raise SageKVError(f"cannot read {what} {path}: {error.strerror if isinstance(error, OSError) else error}") from None
 
 
-def run_example(backend, model_path, policy, budget, max_tokens, device, dtype, as_json):
+def run_example(backend, model_path, policy, budget, max_tokens, device, dtype, as_json, sampler):
     """No prompt: a built-in task sample, answered with full attention and with the policy."""
     from . import demo
 
     max_tokens = demo.MAX_TOKENS if max_tokens is None else max_tokens
     chosen, budget, model = policy_and_model(policy, budget, max_tokens, model_path, backend, device, dtype, demo.BUDGET)
-    example = demo.run_example(model, chosen, max_tokens)
+    example = demo.run_example(model, chosen, max_tokens, sampler)
     if as_json:
-        record = json_record(example.evicted, model, policy, budget)
+        record = json_record(example.evicted, model, policy, budget, sampler)
         record.update(expected=example.sample.answer, full_text=example.full.text, task=example.sample.task)
         click.echo(json.dumps(record))
         return
     label = policy if policy == "full" else f"{policy} B={budget}"
-    click.echo(demo.report(example, label, model.runner.num_layers))
+    click.echo(demo.report(example, label, model.runner.num_layers) + ("" if sampler.greedy else f"\nsampled: {sampler.describe()}"))
 
 
 @cli.command()
@@ -168,10 +205,12 @@ def run_example(backend, model_path, policy, budget, max_tokens, device, dtype, 
 @click.option("--device", default=None, help="torch device (cpu, cuda, cuda:1) or mlx device (cpu, gpu).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help=DTYPE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def rag(doc_files, question, method, store_dir, backend, model_path, policy, budget, max_tokens, device, dtype, as_json):
+@sampling_options()
+def rag(doc_files, question, method, store_dir, backend, model_path, policy, budget, max_tokens, device, dtype, as_json, sampler):
     """Answer a question over documents, each prefilled alone and stored (SamKV and its baselines)."""
     if not doc_files:
         raise SageKVError("give at least one --doc FILE")
+    sampler = sampler.seeded()
     documents = [read_text(path, "document file") for path in doc_files]
     empty = next((path for path, text in zip(doc_files, documents) if not text.strip()), None)
     if empty is not None:
@@ -184,7 +223,8 @@ def rag(doc_files, question, method, store_dir, backend, model_path, policy, bud
     pieces_ids, question_ids = prompt_ids(model, documents, question, max_tokens)  # before the store is touched
     store = None if store_dir is None else DocumentStore(store_dir, model.store_id)
     stream = None if as_json else TextStream(model)
-    result = rag_ids(model, pieces_ids, question_ids, make_method(method), store, max_tokens, chosen, on_token=stream)
+    result = rag_ids(model, pieces_ids, question_ids, make_method(method), store, max_tokens, chosen, on_token=stream,
+                     sampler=sampler)
     r = result.rag
     if as_json:
         click.echo(json.dumps({
@@ -192,11 +232,12 @@ def rag(doc_files, question, method, store_dir, backend, model_path, policy, bud
             "total_tokens": r.total_tokens, "kv_bytes": r.kv_bytes, "policy": policy_record(policy, budget),
             "backend": model.backend, "model": model.name,
             **rounded_timing(result.stats.decode_tokens_per_s, ttft_s=r.ttft_s, store_s=r.store_s, decode_s=result.stats.decode_s),
+            **sampling_record(sampler),
         }))
         return
     stream.finish(result.text)
     click.echo(
-        f"[{model.backend} | {r.method}{'' if policy == 'full' else f' + {policy_label(policy, budget)}'} | "
+        f"[{model.backend} | {r.method}{'' if policy == 'full' else f' + {policy_label(policy, budget)}'}{sampler_label(sampler)} | "
         f"kept {r.kept_tokens} of {r.total_tokens} document tokens ({100 * r.kept_tokens / r.total_tokens:.1f}%) | "
         f"KV {r.kv_bytes / 2**20:.2f} MiB | TTFT {r.ttft_s:.3f} s | stored docs {r.store_s:.2f} s | "
         f"decode {result.stats.decode_tokens_per_s:.1f} tok/s]",
@@ -228,8 +269,9 @@ DEFAULT_POLICIES = f"full,sagekv,{DEFAULT_POLICY},streaming,snapkv,quest"
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Processes side by side, each with its own copy of the model (a small model's decode is bound by Python).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@sampling_options("--sampling-seed", 0, "Sampling seed (--seed is the evaluation seed), restarted for every answer.")
 def eval_command(backend, model_path, task_list, lengths, policies, methods, budgets, haystack, samples, seed, out, device, dtype,
-                 workers, quiet):
+                 workers, quiet, sampler):
     """Accuracy against KV budget for several policies, tasks and lengths; and RAG methods over stored documents."""
     from .evaluate import (POLICY_PLOT, RAG_PLOT, cells, check_tasks, evaluate, evaluate_in_workers, parse_list, rag_cells,
                            read_predictions, split_cells)
@@ -262,9 +304,9 @@ def eval_command(backend, model_path, task_list, lengths, policies, methods, bud
     before = len(read_predictions(predictions))
     if workers > 1:
         metrics = evaluate_in_workers(model, dict(model=model_path, backend=backend, dtype=dtype), devices, workers, *grid,
-                                      out=out, progress=not quiet, methods=method_names, haystack=haystack)
+                                      out=out, progress=not quiet, methods=method_names, haystack=haystack, sampler=sampler)
     else:
-        metrics = evaluate(model, *grid, out, progress=not quiet, methods=method_names, haystack=haystack)
+        metrics = evaluate(model, *grid, out, progress=not quiet, methods=method_names, haystack=haystack, sampler=sampler)
     plots = [name for name, cells_of_kind in zip((POLICY_PLOT, RAG_PLOT), split_cells(metrics)) if cells_of_kind]
     new = len(read_predictions(predictions)) - before
     click.echo(f"{new} new records; {len(metrics)} cells in {out}/ (metrics.json, predictions.jsonl, summary.md, {', '.join(plots)})")

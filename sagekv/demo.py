@@ -30,12 +30,12 @@ class Example:
         return sum(any(wanted <= set(row.tolist()) for row in np.atleast_2d(layer)) for layer in kept)
 
 
-def run_example(model, policy, max_tokens: int = MAX_TOKENS) -> Example:
+def run_example(model, policy, max_tokens: int = MAX_TOKENS, sampler=None) -> Example:
     sample = tasks.generate_in_tokens(TASK, LENGTH, SEED, model.encode)
     ids = model.encode(sample.prompt)
     prefilled = model.prefill(ids, policy.observed_queries)
-    full = model.decode(prefilled, Full(), max_tokens)
-    evicted = model.decode(prefilled, policy, max_tokens)
+    full = model.decode(prefilled, Full(), max_tokens, sampler=sampler)
+    evicted = model.decode(prefilled, policy, max_tokens, sampler=sampler)
     start = sample.prompt.index(sample.answer)
     first = len(model.encode(sample.prompt[:start]))
     last = len(model.encode(sample.prompt[: start + len(sample.answer)]))

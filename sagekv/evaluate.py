@@ -28,6 +28,7 @@ from . import longbench, tasks
 from .errors import SageKVError
 from .policies import make_policy
 from .rag import METHODS, make_method
+from .sampling import Sampler, check_sampler
 from .store import MemoryStore
 
 AS_GIVEN = 0  # the "length" of LongBench samples: one cell per dataset, whatever each prompt's length
@@ -134,13 +135,15 @@ def rag_cells(methods: list) -> list:
 
 def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: list, samples: int, seed: int, out: str,
              progress: bool = True, methods: list = (), haystack: str = tasks.DEFAULT_HAYSTACK, shard: tuple = (0, 1),
-             report: bool = True) -> list:
+             report: bool = True, sampler=None) -> list:
     """Run the grid, append to ``out/predictions.jsonl``, write the summaries; returns metrics.
 
     ``methods``: RAG methods (:data:`sagekv.rag.METHODS`) run on every sample too; every task must
     have documents. ``haystack``: the synthetic tasks' filler (:data:`sagekv.tasks.HAYSTACKS`).
     ``shard`` (k, n): only every n-th sample from the k-th (:func:`evaluate_in_workers`); ``report``:
-    write summary.md, metrics.json and the plots."""
+    write summary.md, metrics.json and the plots. ``sampler``: a :class:`sagekv.Sampler` for every answer
+    (default greedy; its seed restarts for each), recorded in run.json."""
+    sampler = check_sampler(sampler)
     grid = cells(policies, budgets) + rag_cells(methods)
     if not grid:
         raise SageKVError("nothing to evaluate: no policies and no RAG methods")
@@ -157,7 +160,7 @@ def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: li
     cases = cases[shard[0]::shard[1]]
 
     os.makedirs(out, exist_ok=True)
-    check_run(out, model)
+    check_run(out, model, sampler)
     path = os.path.join(out, "predictions.jsonl")
     records = read_predictions(path)
     check_answers(path, records, cases)
@@ -170,8 +173,8 @@ def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: li
             f.write("\n")  # a run interrupted mid-line: keep new records on lines of their own
         for case, pending in todo:
             answers = itertools.chain(
-                policy_answers(model, case, [cell for cell in pending if isinstance(cell, PolicyCell)], window),
-                rag_answers(model, case, [cell for cell in pending if isinstance(cell, RagCell)]))
+                policy_answers(model, case, [cell for cell in pending if isinstance(cell, PolicyCell)], window, sampler),
+                rag_answers(model, case, [cell for cell in pending if isinstance(cell, RagCell)], sampler))
             for cell, result, measured in answers:
                 record = {**key_of(case, cell), "prediction": result.text, "answer": case.answer,
                           "score": case.score(result.text), **measured}
@@ -200,7 +203,7 @@ def evaluate_in_workers(model, load_args: dict, devices: list, workers: int, *gr
 
     merge_workers(out)
     os.makedirs(out, exist_ok=True)
-    check_run(out, model)
+    check_run(out, model, options.get("sampler"))
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     processes, folders = [], [os.path.join(out, WORKERS, str(k)) for k in range(workers)]
     for k, folder in enumerate(folders):
@@ -267,22 +270,22 @@ def merge_workers(out: str) -> None:
     shutil.rmtree(root)
 
 
-def policy_answers(model, case: Case, pending: list, window: int):
+def policy_answers(model, case: Case, pending: list, window: int, sampler):
     """(cell, result, measurements) for each policy cell, all decoded from one prefill of the prompt."""
     if not pending:
         return
     prefilled = model.prefill(model.encode(case.prompt), window)
     for cell in pending:
-        result = model.decode(prefilled, cell.policy, case.max_tokens, on_token=stop_when_decided(model, case))
+        result = model.decode(prefilled, cell.policy, case.max_tokens, on_token=stop_when_decided(model, case), sampler=sampler)
         yield cell, result, {"prompt_tokens": result.prompt_tokens, **{field: getattr(result.stats, field) for field in STAT_FIELDS}}
 
 
-def rag_answers(model, case: Case, pending: list):
+def rag_answers(model, case: Case, pending: list, sampler):
     """(cell, result, measurements) for each RAG cell; the sample's documents are prefilled once, for all of them."""
     store = MemoryStore(model.store_id)
     for cell in pending:
         result = model.rag(case.documents, case.question, cell.method, store, case.max_tokens,
-                           on_token=stop_when_decided(model, case))
+                           on_token=stop_when_decided(model, case), sampler=sampler)
         stats = result.rag
         yield cell, result, {"kept_tokens": stats.kept_tokens, "total_tokens": stats.total_tokens,
                              "kept_fraction": stats.kept_tokens / stats.total_tokens, "ttft_s": stats.ttft_s,
@@ -340,19 +343,24 @@ def read_predictions(path: str) -> list:
     return records
 
 
-def check_run(out: str, model) -> None:
-    """A results directory belongs to one model (its weights too), backend and dtype; refuse to mix runs.
+def check_run(out: str, model, sampler=None) -> None:
+    """A results directory belongs to one model (its weights too), backend, dtype and way of decoding
+    (``sampler``, default greedy); refuse to mix runs.
 
     A run.json written before dtypes were recorded names none: its directory takes any dtype and the file
     is left as it is (the dtype of the runs it holds is not known: the reference model's results were
-    made in its checkpoint's bfloat16, results/smollm2 in bfloat16 asked of a float32 default)."""
+    made in its checkpoint's bfloat16, results/smollm2 in bfloat16 asked of a float32 default). Sampling
+    settings are recorded only for sampled runs: a run.json without them was decoded greedily."""
     path = os.path.join(out, "run.json")
     identity = {"model": model.name, "backend": model.backend, "weights": model.weights, "dtype": model.dtype}
+    sampler = check_sampler(sampler)
+    sampling = sampler.record()
     if not os.path.exists(path):
-        write_file(path, json.dumps(identity))
+        write_file(path, json.dumps({**identity, **({"sampling": sampling} if sampling else {})}))
         return
     with open(path, encoding="utf-8") as f:
         previous = json.load(f)
+    previous_sampling = previous.pop("sampling", {})
     previous_dtype = previous.get("dtype", model.dtype)
     if {**previous, "dtype": previous_dtype} != identity:
         same_name = (previous.get("model"), previous.get("backend")) == (model.name, model.backend)
@@ -361,6 +369,9 @@ def check_run(out: str, model) -> None:
                               f"pass --dtype {previous_dtype} or use another --out")
         raise SageKVError(f"{out} holds results of {'other weights of ' if same_name else ''}{previous.get('model')} "
                           f"on {previous.get('backend')}; use another --out")
+    if previous_sampling != sampling:
+        raise SageKVError(f"{out} holds results decoded with {Sampler(**previous_sampling).describe()}, not "
+                          f"{sampler.describe()}; use another --out")
 
 
 def check_answers(path: str, records: list, cases: list) -> None:

@@ -13,6 +13,7 @@ from typing import Optional
 from .backend import Runner
 from .errors import SageKVError
 from .policies import Full, Policy
+from .sampling import check_sampler
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -210,26 +211,28 @@ class SageModel:
             raise SageKVError(f"{tokens} tokens (prompt and generation) exceed the {limit} positions {self.name} handles")
 
     def rag(self, documents, question: str, method=None, store=None, max_tokens: int = 64, policy=None,
-            on_token=None) -> Result:
+            on_token=None, sampler=None) -> Result:
         """Answer ``question`` over ``documents`` (strings), each prefilled alone and stored (see
-        :mod:`sagekv.rag`); ``method``: a RAG method or its name (default SamKV); ``on_token`` as in
-        :meth:`generate`."""
+        :mod:`sagekv.rag`); ``method``: a RAG method or its name (default SamKV); ``on_token`` and
+        ``sampler`` as in :meth:`generate`."""
         from .rag import rag
 
-        return rag(self, documents, question, method, store, max_tokens, policy, on_token)
+        return rag(self, documents, question, method, store, max_tokens, policy, on_token, sampler)
 
     def decode_text(self, ids: list) -> str:
         return self.runner.tokenizer.decode(ids, skip_special_tokens=True)
 
     def generate(self, prompt: str, policy=None, max_tokens: int = 64, prefill_chunk: int = PREFILL_CHUNK,
-                 chat: bool = False, on_token=None) -> Result:
-        """Greedy generation of up to ``max_tokens`` tokens (stops early at end-of-sequence).
+                 chat: bool = False, on_token=None, sampler=None) -> Result:
+        """Generation of up to ``max_tokens`` tokens (stops early at end-of-sequence).
 
         ``chat``: wrap the prompt in the model's chat template as one user turn. ``on_token``: called
         with the tokens generated so far after each new one (streaming); returning True stops.
+        ``sampler``: a :class:`sagekv.Sampler` (temperature, top-p, top-k, seed); default greedy.
         """
         policy = Full() if policy is None else policy
         check_policy(policy)
+        sampler = check_sampler(sampler)
         if not isinstance(prompt, str):
             raise SageKVError(f"prompt must be a str, got {type(prompt).__name__}")
         if not prompt.strip():
@@ -238,12 +241,13 @@ class SageModel:
             raise SageKVError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise SageKVError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
-        return self.generate_ids(self.encode(prompt, chat), policy, max_tokens, prefill_chunk, on_token)
+        return self.generate_ids(self.encode(prompt, chat), policy, max_tokens, prefill_chunk, on_token, sampler)
 
-    def generate_ids(self, ids: list, policy, max_tokens: int, prefill_chunk: int = PREFILL_CHUNK, on_token=None) -> Result:
+    def generate_ids(self, ids: list, policy, max_tokens: int, prefill_chunk: int = PREFILL_CHUNK, on_token=None,
+                     sampler=None) -> Result:
         self.check_length(len(ids) + max_tokens)
         prefilled = self.prefill(ids, policy.observed_queries, prefill_chunk)
-        return self.decode(prefilled, policy, max_tokens, keep_prefill=False, on_token=on_token)
+        return self.decode(prefilled, policy, max_tokens, keep_prefill=False, on_token=on_token, sampler=sampler)
 
     def prefill(self, ids: list, observed_queries: int = 1, prefill_chunk: int = PREFILL_CHUNK) -> "Prefilled":
         """Full-attention prefill; the result can be decoded under several policies."""
@@ -256,8 +260,9 @@ class SageModel:
         run.sync()
         return Prefilled(cache, logits, len(ids), run.kv_bytes(cache), time.perf_counter() - start, observed_queries)
 
-    def decode(self, prefilled: "Prefilled", policy, max_tokens: int, keep_prefill: bool = True, on_token=None) -> Result:
-        """Select with ``policy``, then decode greedily.
+    def decode(self, prefilled: "Prefilled", policy, max_tokens: int, keep_prefill: bool = True, on_token=None,
+               sampler=None) -> Result:
+        """Select with ``policy``, then decode with ``sampler`` (default greedy; a seed restarts here).
 
         ``keep_prefill``: work on a copy so ``prefilled`` can serve other policies; otherwise its
         cache is consumed and the evicted entries are freed before decoding.
@@ -265,6 +270,8 @@ class SageModel:
         run = self.runner
         policy = Full() if policy is None else policy
         check_policy(policy)
+        sampler = check_sampler(sampler)
+        draw = None if sampler.greedy else run.new_draw(sampler.seeded())
         check_observed(prefilled, policy)
         cache = run.clone_cache(prefilled.cache) if keep_prefill else prefilled.cache
         if not keep_prefill:
@@ -278,11 +285,11 @@ class SageModel:
 
         tokens = []
         start = time.perf_counter()
-        pending = run.next_token(prefilled.logits)  # the first token comes from the full-attention prefill
+        pending = run.next_token(prefilled.logits, draw)  # the first token comes from the full-attention prefill
         while len(tokens) < max_tokens:
             # the next step is queued before this token is read, so the device computes while the host
             # waits and checks (as mlx-lm's loop); a step after end-of-sequence or a stop is discarded
-            ahead = run.next_token(run.forward(pending, cache)) if len(tokens) + 1 < max_tokens else None
+            ahead = run.next_token(run.forward(pending, cache), draw) if len(tokens) + 1 < max_tokens else None
             token = run.token_id(pending)
             if token in run.eos_ids:
                 break

@@ -4,7 +4,7 @@ Each document is prefilled alone (positions 0..n-1) once and stored; a question 
 the documents it retrieved. The tokens the tokenizer puts before any text (``<bos>``) form a first
 piece of their own, as a system preamble would. Every method places the pieces one after another
 (each document's keys re-rotated by its offset, so each token has the position it has in the
-concatenated prompt), prefills the question, and decodes greedily:
+concatenated prompt), prefills the question, and decodes (greedily unless given a sampler):
 
 - :class:`FullRecompute`: one ordinary prefill of everything (the accuracy reference);
 - :class:`Reuse`: the stored caches as they are, only the question prefilled;
@@ -509,17 +509,18 @@ class RagStats:
     store_s: float
 
 
-def rag(model, documents, question: str, method=None, store=None, max_tokens: int = 64, policy=None, on_token=None):
+def rag(model, documents, question: str, method=None, store=None, max_tokens: int = 64, policy=None, on_token=None,
+        sampler=None):
     """Answer ``question`` over ``documents`` (strings); returns a Result with ``rag`` stats.
 
     ``method``: a RagMethod or its name (default SamKV); ``store``: a DocumentStore, or None to
     prefill the documents in memory; ``policy``: a sagekv policy applied to the cache for decoding;
-    ``on_token``: as in :meth:`SageModel.generate` (streaming, early stop)."""
+    ``on_token`` and ``sampler``: as in :meth:`SageModel.generate` (streaming, early stop; sampling)."""
     method = SamKV() if method is None else make_method(method) if isinstance(method, str) else method
     if not isinstance(method, RagMethod):
         raise SageKVError(f"method must be a sagekv RAG method such as sagekv.SamKV(), got {method!r}")
     pieces_ids, question_ids = prompt_ids(model, documents, question, max_tokens)
-    return rag_ids(model, pieces_ids, question_ids, method, store, max_tokens, policy, on_token)
+    return rag_ids(model, pieces_ids, question_ids, method, store, max_tokens, policy, on_token, sampler)
 
 
 def prompt_ids(model, documents, question: str, max_tokens: int) -> tuple:
@@ -541,7 +542,7 @@ def prompt_ids(model, documents, question: str, max_tokens: int) -> tuple:
 
 
 def rag_ids(model, pieces_ids: list, question_ids: list, method, store=None, max_tokens: int = 64, policy=None,
-            on_token=None):
+            on_token=None, sampler=None):
     """:func:`rag` on token ids from :func:`prompt_ids`."""
     total = sum(len(ids) for ids in pieces_ids)
     store = MemoryStore(model.store_id) if store is None else store
@@ -558,6 +559,6 @@ def rag_ids(model, pieces_ids: list, question_ids: list, method, store=None, max
     from .generate import Prefilled
 
     prefilled = Prefilled(cache, logits, total + len(question_ids), run.kv_bytes(cache), ttft)
-    result = model.decode(prefilled, policy, max_tokens, keep_prefill=False, on_token=on_token)
+    result = model.decode(prefilled, policy, max_tokens, keep_prefill=False, on_token=on_token, sampler=sampler)
     result.rag = RagStats(method.name, kept, total, result.stats.kept_kv_bytes, ttft, store_s)
     return result

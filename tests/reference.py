@@ -168,3 +168,19 @@ def samkv_selection(question, local_queries, i, keys, initial, local, block):
         top = sorted(np.argsort(-np.array(per_block), kind="stable")[:keep])
         chosen.append(np.array(sorted(anchors + [r for b in top for r in blocks[b]])))
     return chosen
+
+
+def sampling_probabilities(logits, temperature, top_p=1.0, top_k=0):
+    """The distribution a token is drawn from: softmax(logits / temperature) over the ``top_k`` highest
+    logits (and ties with the k-th), then over the fewest most probable tokens whose probabilities add
+    up to at least ``top_p``, renormalised."""
+    z = np.asarray(logits, np.float64) / temperature
+    if 0 < top_k < len(z):
+        z = np.where(z < np.sort(z)[-top_k], -np.inf, z)
+    p = softmax(z)
+    if top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        count = min(np.searchsorted(np.cumsum(p[order]), top_p) + 1, len(p))  # the first prefix reaching top_p
+        p[order[count:]] = 0
+        p /= p.sum()
+    return p

@@ -40,6 +40,17 @@ def test_run_json(checkpoint):
 
 
 @needs_torch
+def test_run_json_sampled_records_its_settings_and_repeats_with_its_seed(checkpoint):
+    args = ["run", "--backend", "torch", "--model", checkpoint, "--max-tokens", "8", "--prompt", "hello there " * 4, "--json",
+            "--temperature", "0.9", "--top-p", "0.95", "--top-k", "40"]
+    first = json.loads(sagekv(*args, "--seed", "7").stdout)
+    assert first["sampling"] == {"temperature": 0.9, "top_p": 0.95, "top_k": 40, "seed": 7}
+    assert json.loads(sagekv(*args, "--seed", "7").stdout)["tokens"] == first["tokens"]
+    drawn = json.loads(sagekv(*args).stdout)  # no seed: a fresh one, reported so the text can be repeated
+    assert json.loads(sagekv(*args, "--seed", str(drawn["sampling"]["seed"])).stdout)["tokens"] == drawn["tokens"]
+
+
+@needs_torch
 def test_a_prompt_without_a_budget_gets_the_default_one(checkpoint):
     from sagekv.cli import PROMPT_BUDGET
 
@@ -86,6 +97,10 @@ def write(path, text):
         ("mistral sliding window", "sliding_window=64 is not supported"),
         ("qwen sliding window", "sliding_window=64 is not supported"),
         ("soft-capping", "attn_logit_softcapping=50.0 is not supported"),
+        ("negative temperature", "temperature must be a finite number >= 0, got -1.0"),
+        ("top-p above 1", "top_p must be a number in (0, 1], got 1.5"),
+        ("negative top-k", "top_k must be an integer >= 0, got -2"),
+        ("negative seed", "seed must be an integer in 0..2**63-1 or None, got -5"),
     ],
 )
 def test_bad_input_gives_one_line(case, message, tmp_path, checkpoint):
@@ -128,6 +143,10 @@ def test_bad_input_gives_one_line(case, message, tmp_path, checkpoint):
         "chat with the example": ["run", "--model", checkpoint, "--chat"],
         "negative max tokens with the example": ["run", "--model", checkpoint, "--max-tokens", "-3"],
         **{name: base + ["--model", str(tmp_path / name)] for name in configs},
+        "negative temperature": base + ["--temperature", "-1"],
+        "top-p above 1": base + ["--temperature", "1", "--top-p", "1.5"],
+        "negative top-k": base + ["--top-k", "-2"],
+        "negative seed": base + ["--seed", "-5"],
     }[case]
     out = sagekv(*args)
     assert out.returncode != 0

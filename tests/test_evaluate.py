@@ -216,6 +216,29 @@ def test_eval_refuses_another_dtype_and_takes_a_legacy_directory(tiny_checkpoint
     assert json.load(open(run_json)) == legacy
 
 
+def test_eval_dtype_and_sampling_identity_sampled_runs_keep_their_own_directory(tiny_checkpoints, tmp_path):
+    """run.json records sampling settings only for a sampled run; greedy and sampled results do not mix,
+    and a sampled run with the same seed repeats its predictions."""
+    import sagekv
+    from sagekv.evaluate import evaluate
+
+    model = sagekv.load(tiny_checkpoints["llama"], backend="torch", device="cpu", dtype="float32")
+    args = (["single_needle"], [512], ["full", "streaming"], [64], 2, 0)
+    sampler = sagekv.Sampler(1.0, top_k=50, seed=3)
+    sampled, again, greedy = (str(tmp_path / name) for name in ("sampled", "again", "greedy"))
+    evaluate(model, *args, sampled, progress=False, sampler=sampler)
+    evaluate(model, *args, again, progress=False, sampler=sampler)
+    evaluate(model, *args, greedy, progress=False)
+    assert json.load(open(os.path.join(sampled, "run.json")))["sampling"] == sampler.record()
+    assert "sampling" not in json.load(open(os.path.join(greedy, "run.json")))
+    predictions = lambda out: [r["prediction"] for r in read_records(out)]  # noqa: E731
+    assert predictions(sampled) == predictions(again) != predictions(greedy)
+    with pytest.raises(SageKVError, match="holds results decoded with greedy, not temperature 1, top-k 50, seed 3"):
+        evaluate(model, *args, greedy, progress=False, sampler=sampler)
+    with pytest.raises(SageKVError, match="decoded with temperature 1, top-k 50, seed 3, not temperature 1, top-k 50, seed 4"):
+        evaluate(model, *args, sampled, progress=False, sampler=sagekv.Sampler(1.0, top_k=50, seed=4))
+
+
 PASSAGES = [
     {"context": "Passage 1:\nOstra\n" + "The river Ostra flows north past the mill. " * 3 + "\nPassage 2:\nVelm\nThe town of Velm "
                 "lies on the Ostra.\n",
@@ -423,6 +446,8 @@ def test_eval_in_workers_gives_one_process_records(tiny_checkpoints, tmp_path):
         (["--haystack", "prose"], "Invalid value for '--haystack': 'prose' is not one of 'syllable', 'pydoc'"),
         (["--tasks", "longbench:/no/such/file.jsonl"], "cannot read /no/such/file.jsonl"),
         (["--out", __file__], "File exists"),
+        (["--top-p", "0"], "top_p must be a number in (0, 1]"),
+        (["--sampling-seed", "-1"], "seed must be an integer"),
     ],
 )
 def test_eval_cli_bad_input(tiny_checkpoints, tmp_path, extra, message):
