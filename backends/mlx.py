@@ -21,6 +21,7 @@ from mlx_lm.models.cache import KVCache
 from ..errors import SageKVError
 from ..generate import legacy_rope_fields
 from ..ops import Ops
+from ..sampling import filtered_logits
 from ..selection import last_queries
 
 
@@ -43,20 +44,6 @@ class MlxOps(Ops):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
-def filtered_logits(logits, sampler):
-    """float32 logits / temperature, -inf where top-k or top-p leave a token out (as transformers' warpers)."""
-    logits = logits.astype(mx.float32) / sampler.temperature
-    if 0 < sampler.top_k < logits.shape[-1]:
-        logits = mx.where(logits < mx.topk(logits, sampler.top_k).min(), -mx.inf, logits)
-    if sampler.top_p < 1:
-        order = mx.argsort(-logits)
-        probs = mx.softmax(logits[order], precise=True)
-        # a token goes once those above it reach top_p, so the first always stays
-        dropped = mx.cumsum(probs) - probs >= sampler.top_p
-        logits = mx.where(mx.put_along_axis(dropped, order, dropped, axis=-1), -mx.inf, logits)
-    return logits
-
-
 class Draw:
     """One generation's draws: a key from the sampler's seed, split for each token."""
 
@@ -65,7 +52,7 @@ class Draw:
 
     def __call__(self, logits):
         self.key, key = mx.random.split(self.key)
-        return mx.random.categorical(filtered_logits(logits, self.sampler), key=key)
+        return mx.random.categorical(filtered_logits(MlxOps, logits, self.sampler), key=key)
 
 
 STORED_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16"}  # safetensors' names

@@ -21,6 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..errors import SageKVError
 from ..ops import Ops
+from ..sampling import filtered_logits
 from ..selection import last_queries
 
 ATTENTION = "sagekv"
@@ -146,19 +147,6 @@ def sagekv_attention(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register(ATTENTION, sagekv_attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
-def filtered_logits(logits, sampler):
-    """float32 logits / temperature, -inf where top-k or top-p leave a token out (as transformers' warpers)."""
-    logits = logits.float() / sampler.temperature
-    if 0 < sampler.top_k < logits.shape[-1]:
-        logits = logits.masked_fill(logits < torch.topk(logits, sampler.top_k).values[-1], -torch.inf)
-    if sampler.top_p < 1:
-        ordered, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(ordered, dim=-1)
-        # a token goes once those above it reach top_p, so the first always stays
-        dropped = probs.cumsum(dim=-1) - probs >= sampler.top_p
-        logits = logits.masked_fill(dropped.scatter(0, order, dropped), -torch.inf)
-    return logits
-
 
 class Draw:
     """One generation's draws: a generator on the model's device, seeded with the sampler's seed."""
@@ -168,7 +156,7 @@ class Draw:
         self.generator = torch.Generator(device).manual_seed(sampler.seed)
 
     def __call__(self, logits):
-        probs = torch.softmax(filtered_logits(logits, self.sampler), dim=-1)
+        probs = torch.softmax(filtered_logits(TorchOps, logits, self.sampler), dim=-1)
         return torch.multinomial(probs, 1, generator=self.generator)
 
 

@@ -168,9 +168,7 @@ def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: li
     todo = [(case, [cell for cell in grid if record_key(key_of(case, cell)) not in done]) for case in cases]
     window = max((cell.policy.observed_queries for cell in grid if isinstance(cell, PolicyCell)), default=1)
     bar = progress_bar(sum(len(pending) for _, pending in todo), progress)
-    with open(path, "a", encoding="utf-8") as f:
-        if f.tell() and not ends_with_newline(path):
-            f.write("\n")  # a run interrupted mid-line: keep new records on lines of their own
+    with append_to(path) as f:
         for case, pending in todo:
             answers = itertools.chain(
                 policy_answers(model, case, [cell for cell in pending if isinstance(cell, PolicyCell)], window, sampler),
@@ -215,13 +213,13 @@ def evaluate_in_workers(model, load_args: dict, devices: list, workers: int, *gr
         processes.append(context.Process(target=work, args=args, daemon=True))
         processes[-1].start()
     bar = progress_bar(None, progress)
-    written = lambda: sum(count_lines(os.path.join(folder, "predictions.jsonl")) for folder in folders)  # noqa: E731
-    counted = written()
+    paths = [os.path.join(folder, "predictions.jsonl") for folder in folders]
+    read = [os.path.getsize(path) if os.path.exists(path) else 0 for path in paths]  # the copied records
     while any(p.is_alive() for p in processes):
         time.sleep(2)
-        now = written()
-        bar.update(now - counted)
-        counted = now
+        for i, path in enumerate(paths):
+            lines, read[i] = lines_after(path, read[i])
+            bar.update(lines)
     bar.close()
     failed = [k for k, p in enumerate(processes) if p.exitcode != 0]
     if failed:
@@ -243,11 +241,14 @@ def work(load_args: dict, grid: tuple, options: dict) -> None:
         raise SystemExit(1)
 
 
-def count_lines(path: str) -> int:
+def lines_after(path: str, start: int) -> tuple:
+    """(lines written to ``path`` after byte ``start``, its size now): only what a worker appended is read."""
     if not os.path.exists(path):
-        return 0
+        return 0, start
     with open(path, "rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        f.seek(start)
+        appended = f.read()
+    return appended.count(b"\n"), start + len(appended)
 
 
 def merge_workers(out: str) -> None:
@@ -263,9 +264,7 @@ def merge_workers(out: str) -> None:
             if record_key(record) not in done:
                 done.add(record_key(record))
                 new.append(record)
-    with open(path, "a", encoding="utf-8") as f:
-        if f.tell() and not ends_with_newline(path):
-            f.write("\n")
+    with append_to(path) as f:
         f.writelines(json.dumps(record) + "\n" for record in new)
     shutil.rmtree(root)
 
@@ -324,10 +323,15 @@ def record_key(record: dict, fields: tuple = KEY_FIELDS) -> tuple:
     return tuple(record.get(k, tasks.DEFAULT_HAYSTACK if k == "haystack" else None) for k in fields)
 
 
-def ends_with_newline(path: str) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
+def append_to(path: str):
+    """``path`` opened for appending records; after a run interrupted mid-line, on a line of their own."""
+    f = open(path, "a", encoding="utf-8")
+    if f.tell():
+        with open(path, "rb") as last:
+            last.seek(-1, os.SEEK_END)
+            if last.read(1) != b"\n":
+                f.write("\n")
+    return f
 
 
 def read_predictions(path: str) -> list:

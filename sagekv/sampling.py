@@ -1,6 +1,6 @@
 """How decoding chooses each token: greedy (the default), or drawn at a temperature after top-k and top-p
-(nucleus) filtering, as transformers and mlx-lm apply them. The backends draw on the device
-(``Runner.next_token``)."""
+(nucleus) filtering, as transformers and mlx-lm apply them. The filtering is written once here through
+a backend's :class:`sagekv.ops.Ops`; the backends draw on the device (``Runner.next_token``)."""
 
 from __future__ import annotations
 
@@ -74,3 +74,20 @@ def check_sampler(sampler) -> "Sampler":
     if not isinstance(sampler, Sampler):
         raise SageKVError(f"sampler must be a sagekv.Sampler, got {sampler!r}")
     return sampler
+
+
+def filtered_logits(ops, logits, sampler: Sampler):
+    """One vector of logits as float32, divided by the temperature, -inf where top-k or top-p leave a
+    token out (as transformers' warpers); in the library of ``ops``."""
+    xp = ops.xp
+    logits = ops.float32(logits) / sampler.temperature
+    if 0 < sampler.top_k < logits.shape[-1]:
+        kth = ops.reduce_min(logits[ops.topk_indices(logits, sampler.top_k)], axis=-1)
+        logits = xp.where(logits < kth, -math.inf, logits)  # ties with the k-th stay
+    if sampler.top_p < 1:
+        order = xp.argsort(-logits)
+        probs = ops.softmax(logits[order])
+        # a token goes once those above it reach top_p, so the first always stays
+        dropped = xp.cumsum(probs, axis=-1) - probs >= sampler.top_p
+        logits = xp.where(dropped[xp.argsort(order)], -math.inf, logits)
+    return logits

@@ -54,13 +54,13 @@ def main():
 
     def grid(task_list: str, lengths: str, policies: list, budgets: list, methods: list = ()):
         for haystack in args.haystacks.split(","):
-            grid = (task_list.split(","), [int(n) for n in lengths.split(",")], policies, budgets, args.samples, 0)
+            cells = (task_list.split(","), [int(n) for n in lengths.split(",")], policies, budgets, args.samples, 0)
             options = dict(out=args.out, methods=methods, haystack=haystack)
             if args.workers > 1:
                 load_args = dict(model=args.model, backend=args.backend, dtype=args.dtype)
-                metrics = evaluate_in_workers(model, load_args, devices, args.workers, *grid, **options)
+                metrics = evaluate_in_workers(model, load_args, devices, args.workers, *cells, **options)
             else:
-                metrics = evaluate(model, *grid, **options)
+                metrics = evaluate(model, *cells, **options)
         return metrics
 
     if not args.rag_only:

@@ -7,6 +7,7 @@ import pytest
 import sagekv
 from conftest import to_library
 from reference import sampling_probabilities
+from sagekv.sampling import filtered_logits
 
 LOGITS = np.random.default_rng(7).normal(scale=2.0, size=40).astype(np.float32)
 SAMPLERS = [
@@ -45,7 +46,8 @@ def backend_module(backend):
 
 def probabilities(backend, logits, sampler):
     """The backend's filtered logits as float64 probabilities."""
-    filtered = np.asarray(backend_module(backend).filtered_logits(to_library(logits, backend), sampler), np.float64)
+    ops = backend_module(backend).Runner.ops
+    filtered = np.asarray(filtered_logits(ops, to_library(logits, backend), sampler), np.float64)
     p = np.exp(filtered - filtered.max())
     return p / p.sum()
 
