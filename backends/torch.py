@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import contextvars
+import functools
 import inspect
 
 import torch
@@ -19,7 +20,9 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..dropin import OnePrompt
 from ..errors import SageKVError
+from ..generate import check_attention, check_model_type
 from ..ops import Ops
 from ..sampling import filtered_logits
 from ..selection import last_queries
@@ -146,6 +149,75 @@ def sagekv_attention(module, query, key, value, attention_mask, **kwargs):
 
 AttentionInterface.register(ATTENTION, sagekv_attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+class PromptLayer(OnePrompt, SageLayer):
+    """A SageLayer for the model's own ``generate`` (:func:`cache_for`): generate runs the prompt in one step
+    (or in chunks of ``prefill_chunk_size``), so the first one-token step after it is the first decode step."""
+
+    maker = "sagekv.cache_for"
+    is_croppable = False  # evicted entries cannot come back: generate must not plan to roll a step back
+
+    def __init__(self, policy, index: int):
+        super().__init__(policy.observed_queries)
+        self.serve(policy, index)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        batch, _, steps, _ = key_states.shape
+        self.before_step(batch, steps, decoding=self.get_seq_length() > 0)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+
+class PromptCache(SageCache):
+    """PromptLayers for one ``generate`` call."""
+
+    def __init__(self, num_layers: int, policy):
+        Cache.__init__(self, layers=[PromptLayer(policy, index) for index in range(num_layers)])
+        self.called = False
+
+    # generate sets this on the cache it is given at the start of every call: where a second call is refused
+    @property
+    def _is_user_defined(self) -> bool:
+        return self.called
+
+    @_is_user_defined.setter
+    def _is_user_defined(self, value: bool):
+        if self.called:
+            raise SageKVError("a sagekv cache serves one generate call: make a new one with sagekv.cache_for")
+        self.called = True
+
+
+def route(model) -> None:
+    """Set ``model`` to run sagekv's attention, reading the SageCache that a call is given (idempotent);
+    with any other cache, or none, that attention is SDPA's."""
+    if model.config._attn_implementation != ATTENTION:
+        model.set_attn_implementation(ATTENTION)
+    forward = model.forward
+    if getattr(forward, "sagekv_routed", False):
+        return
+
+    @functools.wraps(forward)  # generate reads the wrapped signature to choose the inputs it passes
+    def routed(*args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renamed the argument
+        if not isinstance(cache, SageCache):
+            return forward(*args, **kwargs)
+        with cache.active():
+            return forward(*args, **kwargs)
+
+    routed.sagekv_routed = True
+    model.forward = routed
+
+
+def cache_for(model, policy) -> PromptCache:
+    """See :func:`sagekv.cache_for`."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise SageKVError(f"cache_for takes a transformers model, got {type(model).__name__} (mlx-lm: sagekv.prompt_cache_for)")
+    check_model_type(model.config.model_type)
+    check_attention(model.config.to_dict())
+    route(model)
+    return PromptCache(model.config.num_hidden_layers, policy)
 
 
 class Draw:
