@@ -18,8 +18,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from ..dropin import OnePrompt
 from ..errors import SageKVError
-from ..generate import legacy_rope_fields
+from ..generate import check_attention, check_model_type, legacy_rope_fields
 from ..ops import Ops
 from ..sampling import filtered_logits
 from ..selection import last_queries
@@ -107,6 +108,41 @@ class SageKVCache(KVCache):
         return twin
 
 
+class PromptKVCache(OnePrompt, SageKVCache):
+    """A SageKVCache for mlx-lm's own ``generate_step`` (:func:`prompt_cache_for`). It runs the prompt but its
+    last token in chunks, evaluating the cache's ``state`` after each, then the last token alone, then one
+    token per step: a one-token step right after another, with no ``state`` read between, is the first
+    decode step (a chunk can be one token long)."""
+
+    maker = "sagekv.prompt_cache_for"
+
+    def __init__(self, policy, index: int):
+        super().__init__(policy.observed_queries)
+        self.serve(policy, index)
+        self.after_single = False  # the last step was one token and no chunk ended after it
+
+    @property
+    def state(self):
+        self.after_single = False  # a prefill chunk ended: that one token was part of the prompt
+        return super().state
+
+    @state.setter
+    def state(self, value):
+        KVCache.state.fset(self, value)
+
+    def update_and_fetch(self, keys, values):
+        batch, _, steps, _ = keys.shape
+        self.before_step(batch, steps, decoding=self.after_single)
+        self.after_single = steps == 1
+        return super().update_and_fetch(keys, values)
+
+    def is_trimmable(self):
+        return False  # evicted entries cannot come back: mlx-lm refuses speculative decoding on it
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4):
+        raise SageKVError("a sagekv cache cannot be quantized (kv_bits)")
+
+
 def _wrap_attention(original):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, **kwargs):
         if isinstance(cache, SageKVCache):
@@ -150,6 +186,16 @@ def install_attention(model) -> None:
     for layer in model.layers:
         if not isinstance(layer.self_attn.rope, TokenRoPE):
             layer.self_attn.rope = TokenRoPE(layer.self_attn.rope)
+
+
+def prompt_cache_for(model, policy) -> list:
+    """See :func:`sagekv.prompt_cache_for`."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "args"):
+        raise SageKVError(f"prompt_cache_for takes an mlx-lm model, got {type(model).__name__} (transformers: sagekv.cache_for)")
+    check_model_type(model.model_type)
+    check_attention(vars(model.args))
+    install_attention(model)
+    return [PromptKVCache(policy, index) for index in range(len(model.layers))]
 
 
 class Runner:

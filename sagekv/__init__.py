@@ -3,7 +3,7 @@
 The core imports neither mlx nor torch; backends load on first use.
 """
 
-from .dropin import cache_for
+from .dropin import cache_for, prompt_cache_for
 from .errors import SageKVError
 from .generate import Result, SageModel, Stats, load
 from .policies import TOVA, Full, Knorm, Quest, Random, SageKV, SnapKV, StreamingLLM, make_policy
@@ -27,6 +27,7 @@ __all__ = [
     "SnapKV",
     "make_policy",
     "cache_for",
+    "prompt_cache_for",
     "Result",
     "SageKV",
     "SageKVError",

@@ -25,6 +25,18 @@ def cache_for(model, policy):
     return get_backend("torch").cache_for(model, policy)
 
 
+def prompt_cache_for(model, policy):
+    """A list of per-layer caches for ``mlx_lm.generate(model, tokenizer, prompt, prompt_cache=cache)`` and
+    ``stream_generate`` (one prompt per cache).
+
+    It routes the attention of ``model``'s module through sagekv (for any other cache it stays
+    mlx-lm's own). mlx-lm runs the prompt but its last token in chunks, evaluating the cache after each,
+    then the last token alone: the one-token step after that is the first decode step.
+    """
+    check_policy(policy)
+    return get_backend("mlx").prompt_cache_for(model, policy)
+
+
 class OnePrompt:
     """The step rule of both backends' drop-in layer caches (mixed into their SageLayer and SageKVCache):
     one sequence; the prompt in any steps; then one token per step, the first of which compresses the layer

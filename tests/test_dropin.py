@@ -1,13 +1,15 @@
-"""Drop-in use: a policy's cache in transformers' own generate loop gives the tokens of
-SageModel.generate with the same policy, on tiny random checkpoints loaded by transformers' own loader."""
+"""Drop-in use: a policy's cache in transformers' and mlx-lm's own generate loops gives the tokens of
+SageModel.generate with the same policy, on tiny random checkpoints loaded by each library's own loader."""
 
+import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
 import sagekv
-from conftest import needs_torch, to_numpy
+from conftest import needs_mlx, needs_torch, to_numpy
 
 PROMPT = "Alpha beta gamma delta. The key for door seven is 4821. Epsilon zeta eta theta iota. " * 3
 TOKENS = 24
@@ -177,3 +179,113 @@ def test_transformers_refusals(hf_models):
         sagekv.cache_for(torch.nn.Linear(2, 2), policy)
     with pytest.raises(sagekv.SageKVError, match="policy must be a sagekv policy"):
         sagekv.cache_for(hf, "sagekv")
+
+
+# mlx-lm
+
+
+@pytest.fixture(scope="module")
+def mlx_models(tiny_checkpoints):
+    """mlx_models(family): (model, tokenizer) loaded once by mlx-lm itself."""
+    loaded = {}
+
+    def get(family):
+        if family not in loaded:
+            import mlx_lm
+
+            from sagekv.generate import legacy_rope_fields
+
+            path = tiny_checkpoints[family]
+            with open(os.path.join(path, "config.json")) as f:  # rope_theta where mlx-lm reads it
+                loaded[family] = mlx_lm.load(path, model_config=legacy_rope_fields(json.load(f)))
+        return loaded[family]
+
+    return get
+
+
+def mlx_generate(model, tokenizer, prompt, cache, **settings) -> list:
+    import mlx_lm
+
+    responses = mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=TOKENS, prompt_cache=cache, **settings)
+    return [response.token for response in responses]
+
+
+@needs_mlx
+@pytest.mark.parametrize("policy", POLICIES, ids=NAMES)
+def test_mlx_lm_generate_gives_sagekv_tokens(tiny_models, mlx_models, policy):
+    model, (mlx_model, tokenizer) = tiny_models("llama", "mlx"), mlx_models("llama")
+    cache = sagekv.prompt_cache_for(mlx_model, policy)
+    assert until_eos(mlx_generate(mlx_model, tokenizer, PROMPT, cache)) == model.generate(PROMPT, policy, TOKENS).tokens
+    assert all(c.selected for c in cache)
+
+
+@needs_mlx
+@pytest.mark.parametrize("policy", POLICIES[1:4], ids=NAMES[1:4])
+def test_mlx_lm_prefill_steps(tiny_models, mlx_models, policy):
+    """Whatever prefill_step_size splits the prompt into, a one-token chunk included, the last prompt
+    token's step is not taken for the first decode step."""
+    model, (mlx_model, tokenizer) = tiny_models("qwen2", "mlx"), mlx_models("qwen2")
+    ids = model.encode(PROMPT)
+    expected = model.generate(PROMPT, policy, TOKENS).tokens
+    for step in (64, len(ids) - 2):  # the second leaves a chunk of one token before the last prompt token
+        tokens = mlx_generate(mlx_model, tokenizer, ids, sagekv.prompt_cache_for(mlx_model, policy), prefill_step_size=step)
+        assert until_eos(tokens) == expected, step
+
+
+@needs_mlx
+def test_mlx_lm_shortest_prompts(tiny_models, mlx_models):
+    """Prompts of one and two tokens (mlx-lm runs the second as a chunk of one) under a policy keeping only
+    the last prompt token."""
+    model, (mlx_model, tokenizer) = tiny_models("llama", "mlx"), mlx_models("llama")
+    policy = sagekv.SageKV(1, sink=0, topk=0, recent=0)
+    for ids in ([256], [256, 65]):
+        cache = sagekv.prompt_cache_for(mlx_model, policy)
+        assert until_eos(mlx_generate(mlx_model, tokenizer, ids, cache)) == model.generate_ids(ids, policy, TOKENS).tokens
+        assert [c.decoder is not None for c in cache] == [len(ids) == 2] * 2
+
+
+@needs_mlx
+def test_mlx_lm_sampling_decodes_on_the_sagekv_cache(tiny_models, mlx_models):
+    """Sampled with temperature, top-k and top-p: each step's log-probabilities are those of sagekv's own
+    loop for the same tokens."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    model, (mlx_model, tokenizer) = tiny_models("llama", "mlx"), mlx_models("llama")
+    policy = sagekv.make_policy("sagekv_kv_follow", 32)
+    ids = model.encode(PROMPT)
+    mx.random.seed(0)
+    responses = list(mlx_lm.stream_generate(mlx_model, tokenizer, ids, max_tokens=TOKENS, sampler=make_sampler(0.8, 0.9, top_k=50),
+                                            prompt_cache=sagekv.prompt_cache_for(mlx_model, policy)))
+    run = model.runner
+    prefilled = model.prefill(ids, policy.observed_queries)
+    run.compress(prefilled.cache, policy)
+    logits = [prefilled.logits] + [run.forward([r.token], prefilled.cache) for r in responses[:-1]]
+    assert len(responses) > 1
+    ours = np.stack([run.logits_numpy(x - mx.logsumexp(x)) for x in logits])
+    np.testing.assert_allclose(ours, np.stack([np.array(r.logprobs) for r in responses]), rtol=1e-4, atol=1e-4)
+
+
+@needs_mlx
+def test_mlx_lm_refusals(mlx_models):
+    import mlx.core as mx
+    import mlx_lm
+
+    mlx_model, tokenizer = mlx_models("llama")
+    policy = sagekv.SageKV(32)
+    with pytest.raises(sagekv.SageKVError, match="cannot be quantized"):
+        mlx_generate(mlx_model, tokenizer, PROMPT, sagekv.prompt_cache_for(mlx_model, policy), kv_bits=4, quantized_kv_start=0)
+    with pytest.raises(ValueError, match="trimmable"):  # mlx-lm's own refusal: the cache cannot roll back
+        two = sagekv.prompt_cache_for(mlx_model, policy) + sagekv.prompt_cache_for(mlx_model, policy)
+        mlx_generate(mlx_model, tokenizer, PROMPT, two, draft_model=mlx_model)
+    with pytest.raises(sagekv.SageKVError, match="a sagekv cache holds one sequence, got a batch of 2"):
+        mlx_model(mx.array([[256, 65], [256, 66]]), cache=sagekv.prompt_cache_for(mlx_model, policy))
+    cache = sagekv.prompt_cache_for(mlx_model, policy)
+    mlx_generate(mlx_model, tokenizer, PROMPT, cache)
+    with pytest.raises(sagekv.SageKVError, match="takes one token per step"):
+        mlx_generate(mlx_model, tokenizer, PROMPT, cache)
+    with pytest.raises(sagekv.SageKVError, match="takes an mlx-lm model"):
+        sagekv.prompt_cache_for(mlx_lm, policy)
+    with pytest.raises(sagekv.SageKVError, match="policy must be a sagekv policy"):
+        sagekv.prompt_cache_for(mlx_model, None)
