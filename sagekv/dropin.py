@@ -18,8 +18,8 @@ def cache_for(model, policy):
 
     It sets ``model``'s attention implementation to sagekv's, which runs SDPA for any other cache (so
     the model stays usable as with ``attn_implementation="sdpa"``), and wraps ``model.forward`` so a call
-    given this cache attends through it. Generate's first one-token step after a prompt of several tokens
-    is taken as the first decode step (so ``prefill_chunk_size`` must not leave a last chunk of one token).
+    given this cache attends through it. generate's first one-token step after the prompt is taken as the
+    first decode step (so ``prefill_chunk_size`` must not leave a last chunk of one token).
     """
     check_policy(policy)
     return get_backend("torch").cache_for(model, policy)
