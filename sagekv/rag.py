@@ -29,7 +29,8 @@ import numpy as np
 
 from .cache import SegmentKV
 from .errors import SageKVError
-from .policies.base import check_int
+from .ops import NumpyOps
+from .policies.base import carry_forward, check_int
 from .store import MemoryStore, content_key
 
 QUERY_TAIL = 128  # a stored document keeps the queries of its last tokens (SamKV's local query)
@@ -286,6 +287,14 @@ class SamKV(RagMethod):
     mean (the query SAGE-KV selects with); ``max_kept=s`` scales every document's ratio down until
     at most the share ``s`` of document tokens is kept (anchors are always kept). ``recompute=False``
     is the paper's ablation: the kept entries are used as stored.
+
+    ``unit="tokens"`` (not in the paper) replaces blocks and ratios by SAGE-KV's ``kv_follow``
+    selection across documents: at each selection layer and KV head, the personalised queries'
+    softmax attention over every document's middle tokens at once (one softmax, so documents compete
+    for the budget), summed over the head's query group, each token's score carried to the
+    ``follow - 1`` tokens after it with weight ``decay`` per token; each (layer, KV head) keeps its
+    top k tokens, k the largest whose union over layers and heads, with the anchors, is at most the
+    share ``max_kept`` of document tokens (required).
     """
 
     initial: int = 8
@@ -297,6 +306,9 @@ class SamKV(RagMethod):
     query: str = "mean"
     max_kept: Optional[float] = None
     recompute: bool = True
+    unit: str = "blocks"
+    follow: int = 32
+    decay: float = 0.8
     name = "samkv"
 
     def __post_init__(self):
@@ -318,6 +330,13 @@ class SamKV(RagMethod):
         if self.max_kept is not None and (isinstance(self.max_kept, bool) or not isinstance(self.max_kept, (int, float))
                                           or not 0 < self.max_kept <= 1):
             raise SageKVError(f"max_kept must be a share in (0, 1], got {self.max_kept!r}")
+        if self.unit not in ("blocks", "tokens"):
+            raise SageKVError(f"unit must be 'blocks' or 'tokens', got {self.unit!r}")
+        if self.unit == "tokens" and self.max_kept is None:
+            raise SageKVError("unit='tokens' needs max_kept, the share of document tokens kept")
+        check_int("follow", self.follow, 1)
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0 < self.decay <= 1:
+            raise SageKVError(f"decay must be a number in (0, 1], got {self.decay!r}")
         if self.local > QUERY_TAIL:
             raise SageKVError(f"local must be at most {QUERY_TAIL} (the stored query tail), got {self.local}")
 
@@ -339,6 +358,8 @@ class SamKV(RagMethod):
         layers = self.selection_layers(run.num_layers)
         question_query = self.question_query(model, pieces, question, layers)
         local_queries = [self.local_query(p, layers) for p in pieces]
+        if self.unit == "tokens":
+            return self.select_tokens(run, pieces, question_query, local_queries, layers)
         scored = []  # per piece: (anchors, end of its middle, block order per layer or None, retention ratio)
         for i, piece in enumerate(pieces):
             n = len(piece.ids)
@@ -367,6 +388,14 @@ class SamKV(RagMethod):
                     low, high = (middle, high) if kept_count(choose(middle)) <= limit else (low, middle)
                 chosen = choose(low)
         return chosen
+
+    def select_tokens(self, run, pieces, question_query, local_queries, layers) -> list:
+        """Per piece, per selection layer: its anchors and the tokens ``unit="tokens"`` keeps there."""
+        anchors = [self.anchors(len(p.ids)) for p in pieces]
+        keys = [run.rerotate(p.read(run, "keys", layers=layers), p.start) for p in pieces]
+        queries = [personalised_query(question_query, local_queries, i) for i in range(len(pieces))]
+        scores = token_scores(run.ops, queries, keys, anchors, self.follow, self.decay)
+        return chosen_tokens(scores, [len(p.ids) for p in pieces], anchors, self.max_kept)
 
     def prefill(self, model, pieces, question):
         run = model.runner
@@ -450,6 +479,51 @@ def block_scores(ops, query, keys, anchors, start: int, stop: int, block: int):
     anchor_score = (anchor_mean * grouped).sum(axis=-1).sum(axis=-1)
     scores = (blocks * grouped[None]).sum(axis=-1).sum(axis=-1).swapaxes(0, 1)
     return ops.to_numpy(anchor_score), ops.to_numpy(scores)
+
+
+def token_scores(ops, queries: list, keys: list, anchors: list, follow: int, decay: float) -> np.ndarray:
+    """``unit="tokens"``'s score of every token of every piece, [S, Hkv, total tokens] float64 numpy,
+    anchors -1. Per piece: ``queries`` [S, Hq, D] numpy, ``keys`` at the selection layers [n, S, Hkv, D]."""
+    s_layers, hq, d = queries[0].shape
+    hkv = keys[0].shape[2]
+    logits = []
+    for query, k in zip(queries, keys):
+        grouped = ops.asarray(query.reshape(s_layers, hkv, hq // hkv, d).astype(np.float32), like=k)
+        k = ops.float32(k).swapaxes(0, 1).swapaxes(1, 2)  # [S, Hkv, n, D]
+        logits.append((grouped @ k.swapaxes(-1, -2)) * d**-0.5)  # [S, Hkv, G, n]
+    probs = ops.to_numpy(ops.softmax(ops.concat(logits, axis=-1)).sum(axis=2)).astype(np.float64)
+    parts, start = [], 0
+    for k, rows in zip(keys, anchors):
+        part = probs[..., start : start + k.shape[0]].copy()
+        part[..., rows] = 0.0  # kept anyway: their weight must not carry into the middle
+        part = carry_forward(NumpyOps, part, follow - 1, decay)  # within the piece only
+        part[..., rows] = -1.0
+        parts.append(part)
+        start += k.shape[0]
+    return np.concatenate(parts, axis=-1)
+
+
+def chosen_tokens(scores: np.ndarray, lengths: list, anchors: list, share: float) -> list:
+    """Per piece, per selection layer: its anchors and, from every (layer, KV head) row of ``scores``
+    ([S, Hkv, total], anchors -1), the top k tokens that fall in it; k the largest whose union over
+    layers and heads keeps at most the share ``share`` of all tokens (equal scores: earlier first)."""
+    offsets = np.cumsum([0, *lengths])
+    order = np.argsort(-scores, axis=-1, kind="stable")
+
+    def choose(k: int) -> list:
+        chosen = [[] for _ in lengths]
+        for layer in order[..., :k]:
+            rows = np.unique(layer)
+            cuts = np.searchsorted(rows, offsets)
+            for i, per_layer in enumerate(chosen):
+                per_layer.append(np.union1d(anchors[i], rows[cuts[i] : cuts[i + 1]] - offsets[i]).astype(np.int64))
+        return chosen
+
+    low, high = 0, int(offsets[-1]) - sum(len(a) for a in anchors)  # anchors sort last
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if kept_count(choose(middle)) <= share * offsets[-1] else (low, middle - 1)
+    return choose(low)
 
 
 def kept_rows(chosen: list) -> list:

@@ -5,7 +5,8 @@ the tokens of the answer's value in its document, runs SamKV's selection, and re
 those tokens are kept at each selection layer and in the union, the share of document tokens kept,
 and the scores of SamKV with recomputation, SamKV without (the kept entries as stored), SamKV
 scoring with the question's last query, each also capped at 15% of the tokens (the paper's
-share), reuse and full recompute, on the same documents. One
+share), SamKV selecting tokens instead of blocks (``unit="tokens"``) at 15%, with and without
+recomputation, reuse and full recompute, on the same documents. One
 table of means over the samples, JSON lines per sample with ``--json``.
 
     python scripts/diagnose_samkv.py --model smollm2-135m-instruct --device cuda --dtype bfloat16 \
@@ -29,6 +30,8 @@ VARIANTS = {
     "samkv_15": rag.SamKV(max_kept=0.15),
     "samkv_15_stored": rag.SamKV(max_kept=0.15, recompute=False),
     "samkv_last_15": rag.SamKV(query="last", max_kept=0.15),
+    "samkv_tokens_15": rag.SamKV(unit="tokens", query="last", max_kept=0.15),
+    "samkv_tokens_15_stored": rag.SamKV(unit="tokens", query="last", max_kept=0.15, recompute=False),
     "reuse": rag.Reuse(),
     "full_recompute": rag.FullRecompute(),
 }
@@ -55,11 +58,13 @@ def diagnose(model, task: str, length: int, seed: int) -> dict:
         pieces = rag.stored_pieces(model, store, pieces_ids)
         chosen = VARIANTS["samkv"].select(model, pieces, question_ids)
         capped = VARIANTS["samkv_15"].select(model, pieces, question_ids)
+        tokens = VARIANTS["samkv_tokens_15"].select(model, pieces, question_ids)
     out = {"seed": seed, "tokens": sum(map(len, pieces_ids)) + len(question_ids), "documents": len(case.documents),
            "kept_share": rag.kept_count(chosen) / sum(map(len, pieces_ids)),
            "answer_kept_per_layer": [float(np.isin(rows, layer).mean()) for layer in chosen[piece]],
            "answer_kept": float(np.isin(rows, rag.kept_rows(chosen)[piece]).mean()),
-           "answer_kept_15": float(np.isin(rows, rag.kept_rows(capped)[piece]).mean())}
+           "answer_kept_15": float(np.isin(rows, rag.kept_rows(capped)[piece]).mean()),
+           "answer_kept_tokens_15": float(np.isin(rows, rag.kept_rows(tokens)[piece]).mean())}
     for name, method in VARIANTS.items():
         result = rag.rag_ids(model, pieces_ids, question_ids, method, store, case.max_tokens,
                              on_token=evaluate.stop_when_decided(model, case))
@@ -74,7 +79,7 @@ def main():
     parser.add_argument("--backend", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--task", default="single_needle", choices=["single_needle", "multi_key"])
+    parser.add_argument("--task", default="single_needle", choices=["single_needle", "multi_key", "multi_doc_qa"])
     parser.add_argument("--length", type=int, default=4096, help="prompt length in tokens")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--json", default=None, help="write one JSON line per sample here")
@@ -90,7 +95,7 @@ def main():
     layers = np.mean([row["answer_kept_per_layer"] for row in rows], axis=0)
     print(f"SamKV keeps {mean('kept_share'):.1%} of document tokens; answer tokens kept: "
           f"{mean('answer_kept'):.2f} in the union, per selection layer {', '.join(f'{x:.2f}' for x in layers)}; "
-          f"capped at 15%: {mean('answer_kept_15'):.2f}")
+          f"capped at 15%: {mean('answer_kept_15'):.2f}; tokens at 15%: {mean('answer_kept_tokens_15'):.2f}")
     print("| method | score | kept |\n|---|---|---|")
     for name in VARIANTS:
         print(f"| {name} | {mean(name):.2f} | {mean(name + '_kept'):.1%} |")

@@ -170,6 +170,46 @@ def samkv_selection(question, local_queries, i, keys, initial, local, block):
     return chosen
 
 
+def samkv_token_selection(queries, keys, anchors, follow, decay, share):
+    """SamKV's ``unit="tokens"`` kept rows per piece and selection layer (float64): per layer and KV
+    head, one softmax of the personalised queries (``queries`` per piece [S, Hq, D]) over every piece's
+    keys (per piece [n, S, Hkv, D]), summed over the head's query group; anchors weigh 0, then each
+    token takes the highest of its own weight and decay**j times that of the token j <= follow - 1
+    before it in its piece; each (layer, head) keeps its top k non-anchor tokens (ties: earlier
+    first), k the largest whose union with the anchors keeps at most ``share`` of the tokens."""
+    lengths = [len(k) for k in keys]
+    offsets = np.cumsum([0] + lengths)
+    layers, hq, d = queries[0].shape
+    hkv = keys[0].shape[2]
+    g = hq // hkv
+    scores = np.zeros((layers, hkv, offsets[-1]))
+    for s in range(layers):
+        for h in range(hkv):
+            for head in range(h * g, (h + 1) * g):
+                logits = np.concatenate([np.asarray(k, np.float64)[:, s, h] @ np.asarray(q, np.float64)[s, head]
+                                         for q, k in zip(queries, keys)]) / np.sqrt(d)
+                scores[s, h] += softmax(logits)
+    for i, rows in enumerate(anchors):
+        part = scores[:, :, offsets[i] : offsets[i + 1]]
+        part[:, :, rows] = 0.0
+        carried = part.copy()
+        for j in range(1, follow):
+            carried[:, :, j:] = np.maximum(carried[:, :, j:], part[:, :, :-j] * decay**j)
+        carried[:, :, rows] = -1.0
+        scores[:, :, offsets[i] : offsets[i + 1]] = carried
+    candidates = offsets[-1] - sum(len(a) for a in anchors)
+    for k in range(candidates, -1, -1):
+        chosen = []
+        for i in range(len(keys)):
+            per_layer = []
+            for s in range(layers):
+                top = {int(t) for h in range(hkv) for t in sorted(range(offsets[-1]), key=lambda t: (-scores[s, h, t], t))[:k]}
+                per_layer.append(np.array(sorted(set(anchors[i].tolist()) | {t - offsets[i] for t in top if offsets[i] <= t < offsets[i + 1]})))
+            chosen.append(per_layer)
+        if sum(len(set().union(*[set(r.tolist()) for r in per_layer])) for per_layer in chosen) <= share * offsets[-1] or k == 0:
+            return chosen
+
+
 def sampling_probabilities(logits, temperature, top_p=1.0, top_k=0):
     """The distribution a token is drawn from: softmax(logits / temperature) over the ``top_k`` highest
     logits (and ties with the k-th), then over the fewest most probable tokens whose probabilities add

@@ -6,7 +6,7 @@ import pytest
 
 import sagekv
 from conftest import model_loader, needs_mlx, needs_torch
-from reference import samkv_selection
+from reference import samkv_selection, samkv_token_selection
 from sagekv import rag
 from sagekv.store import DocumentStore, MemoryStore
 
@@ -21,7 +21,8 @@ EVERYTHING = [rag.CacheBlend(ratios=(1.0,)), rag.EPIC(k=10**6), rag.SamKV(initia
 METHODS = [rag.FullRecompute(), rag.Reuse(), rag.EPIC(), rag.CacheBlend(), rag.CacheBlend(ratios=(0.5, 0.2), check_layers=(1, 2)),
            rag.SamKV(), rag.SamKV(update="fusion"), rag.SamKV(layers=1, initial=4, local=4, block=4),
            rag.SamKV(layers=(0, 2), initial=4, local=4, block=4),
-           rag.SamKV(query="last", max_kept=0.3, initial=2, local=2, block=4)]
+           rag.SamKV(query="last", max_kept=0.3, initial=2, local=2, block=4),
+           rag.SamKV(unit="tokens", query="last", max_kept=0.3, initial=2, local=2, follow=4)]
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +235,34 @@ def test_samkv_selection_matches_the_float64_reference():
     assert any(set(range(20, 28)) <= set(rows.tolist()) for rows in got)
 
 
+def test_samkv_token_selection_matches_the_float64_reference():
+    rng = np.random.default_rng(1)
+    layers, hq, hkv, d, initial, local = 2, 4, 2, 8, 2, 3
+    lengths = [5, 30, 22, 41]
+    queries = [rng.standard_normal((layers, hq, d)).astype(np.float32) for _ in lengths]
+    keys = [rng.standard_normal((n, layers, hkv, d)).astype(np.float32) for n in lengths]
+    keys[2][9] += 3 * queries[2].reshape(layers, hkv, -1, d).mean(2)  # one token clearly above the rest
+    method = rag.SamKV(unit="tokens", max_kept=0.3, initial=initial, local=local, follow=3, decay=0.5)
+    anchors = [method.anchors(n) for n in lengths]
+    for share in (0.3, 0.5, 0.05):
+        scores = rag.token_scores(sagekv.ops.NumpyOps, queries, keys, anchors, 3, 0.5)
+        got = rag.chosen_tokens(scores, lengths, anchors, share)
+        expected = samkv_token_selection(queries, keys, anchors, 3, 0.5, share)
+        assert [[list(r) for r in p] for p in got] == [[list(r) for r in p] for p in expected], share
+        assert rag.kept_count(got) <= max(share * sum(lengths), sum(map(len, anchors)))
+    assert all(9 in rows for rows in rag.chosen_tokens(scores, lengths, anchors, 0.3)[2])  # and it follows: 10, 11
+    assert {10, 11} <= set(rag.kept_rows(rag.chosen_tokens(scores, lengths, anchors, 0.5))[2].tolist())
+
+
+def test_samkv_tokens_keeps_the_share(load):
+    model = load("llama", "torch")
+    for share in (0.25, 0.5):
+        result = model.rag(DOCUMENTS, QUESTION, method=rag.SamKV(unit="tokens", max_kept=share, initial=2, local=2),
+                           max_tokens=1)
+        anchors = 4 * len(DOCUMENTS) + 1
+        assert anchors < result.rag.kept_tokens <= share * result.rag.total_tokens
+
+
 def test_sagekv_policy_after_a_method(load):
     model = load("llama", "torch")
     plain = model.rag(DOCUMENTS, QUESTION, method="samkv", max_tokens=TOKENS)
@@ -279,6 +308,10 @@ def test_bad_input_is_one_line(load, call, message):
         (lambda: rag.CacheBlend(check_layers=(0,)), "ascending layer indices from 1"),
         (lambda: rag.SamKV(layers=(2, 1)), "layers must be a count or ascending layer indices from 0"),
         (lambda: rag.SamKV(layers=()), "layers must be a count or ascending layer indices from 0"),
+        (lambda: rag.SamKV(unit="tokens"), "needs max_kept"),
+        (lambda: rag.SamKV(unit="token", max_kept=0.2), "unit must be"),
+        (lambda: rag.SamKV(follow=0), "follow must be >= 1"),
+        (lambda: rag.SamKV(decay=0), "decay must be a number"),
     ],
 )
 def test_bad_method_settings(make, message):
