@@ -238,12 +238,12 @@ class QuestKV(DecodeCache):
         self.ops, self.page, self.budget = ops, policy.page, policy.budget
         self.length = keys.shape[2]
         self.keys, self.values = self.grown(keys, self.growth), self.grown(values, self.growth)
-        pages = -(-self.length // self.page)
-        bounds_min, bounds_max = [], []
-        for p in range(pages):
-            chunk = keys[:, :, p * self.page : (p + 1) * self.page]
-            bounds_min.append(ops.reduce_min(chunk, axis=2)[:, :, None])
-            bounds_max.append(ops.reduce_max(chunk, axis=2)[:, :, None])
+        whole = self.length // self.page * self.page  # the full pages, reduced at once
+        pages = keys[:, :, :whole].reshape(*keys.shape[:2], whole // self.page, self.page, keys.shape[3])
+        bounds_min, bounds_max = [ops.reduce_min(pages, axis=3)], [ops.reduce_max(pages, axis=3)]
+        if whole < self.length:  # the last page, partly filled
+            bounds_min.append(ops.reduce_min(keys[:, :, whole:], axis=2)[:, :, None])
+            bounds_max.append(ops.reduce_max(keys[:, :, whole:], axis=2)[:, :, None])
         self.page_min = self.grown(ops.concat(bounds_min, axis=2), self.page_growth)
         self.page_max = self.grown(ops.concat(bounds_max, axis=2), self.page_growth)
 
