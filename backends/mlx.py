@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from ..cache import kept_of
 from ..errors import SageKVError
 from ..generate import legacy_rope_fields
 from ..ops import Ops
@@ -96,9 +97,6 @@ class SageKVCache(KVCache):
             return self.decoder.nbytes
         keys, values = self.keys_and_values()
         return keys.nbytes + values.nbytes
-
-    def kept(self):
-        return self.decoder.kept() if self.decoder is not None else None
 
     def clone(self):
         """A copy that shares no buffer it could write into (a prefilled cache only)."""
@@ -222,7 +220,7 @@ class Runner:
         return sum(c.nbytes for c in cache)
 
     def kept(self, cache):
-        return [c.kept() for c in cache]
+        return kept_of(MlxOps, [c.decoder for c in cache])
 
     def sync(self):
         mx.synchronize()

@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..cache import kept_of
 from ..errors import SageKVError
 from ..ops import Ops
 from ..sampling import filtered_logits
@@ -41,6 +42,14 @@ class TorchOps(Ops):
     @classmethod
     def astype(cls, x, dtype):
         return x.to(dtype)
+
+    @classmethod
+    def asarray(cls, x, like):
+        host = torch.as_tensor(x)
+        if like.device.type != "cuda":
+            return host.to(like.device)
+        # from pinned memory the copy is queued behind the device's work; from pageable memory it waits for it
+        return host.pin_memory().to(like.device, non_blocking=True)
 
     @classmethod
     def topk_indices(cls, x, k):
@@ -114,9 +123,6 @@ class SageLayer(DynamicLayer):
         if self.decoder is not None:
             return self.decoder.nbytes
         return TorchOps.nbytes(self.keys) + TorchOps.nbytes(self.values)
-
-    def kept(self):
-        return self.decoder.kept() if self.decoder is not None else None
 
 
 class SageCache(Cache):
@@ -246,7 +252,7 @@ class Runner:
         return sum(layer.nbytes for layer in cache.layers)
 
     def kept(self, cache):
-        return [layer.kept() for layer in cache.layers]
+        return kept_of(TorchOps, [layer.decoder for layer in cache.layers])
 
     def sync(self):
         if self.device.type == "cuda":
