@@ -44,6 +44,10 @@ class MlxOps(Ops):
     def attention(cls, q, k, v, scale, mask=None):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
+    @classmethod
+    def scatter_columns(cls, index, values, width):
+        return mx.put_along_axis(cls.full((index.shape[0], width), 0, like=values), index, values, axis=-1)
+
 
 class Draw:
     """One generation's draws: a key from the sampler's seed, split for each token."""

@@ -56,8 +56,8 @@ class TorchOps(Ops):
         return torch.topk(x, k, dim=-1, sorted=False).indices
 
     @classmethod
-    def sort(cls, x):
-        return torch.sort(x, dim=-1).values
+    def scatter_columns(cls, index, values, width):
+        return cls.full((index.shape[0], width), 0, like=values).scatter_(-1, index, values)
 
     @classmethod
     def reduce_max(cls, x, axis):
