@@ -70,6 +70,7 @@ class SageKVCache(KVCache):
         super().__init__()
         self.window = max(observed_queries, 1)
         self.queries = None  # the last prompt queries, [Hq, W, D]
+        self.observing = True  # until selection: afterwards a step does what mlx-lm's own does
         self.decoder = None
 
     def update_and_fetch(self, keys, values):
@@ -90,7 +91,7 @@ class SageKVCache(KVCache):
         self.decoder = policy.decode_cache(MlxOps, self.queries, keys, values, layer)
         if self.decoder is not None:
             self.keys = self.values = None  # release the full cache
-        self.queries = None
+        self.queries, self.observing = None, False
 
     def is_trimmable(self):
         return self.decoder is None
@@ -114,7 +115,8 @@ def _wrap_attention(original):
         if isinstance(cache, SageKVCache):
             if cache.decoder is not None:
                 return cache.decoder.attend(queries, scale)
-            cache.observe(queries)
+            if cache.observing:
+                cache.observe(queries)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
 
     scaled_dot_product_attention.sagekv_original = original

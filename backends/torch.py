@@ -93,6 +93,7 @@ class SageLayer(DynamicLayer):
         super().__init__()
         self.window = max(observed_queries, 1)
         self.queries = None  # the last prompt queries, [Hq, W, D]
+        self.observing = True  # until selection: afterwards a step does what transformers' own does
         self.decoder = None
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -116,7 +117,7 @@ class SageLayer(DynamicLayer):
         self.decoder = policy.decode_cache(TorchOps, self.queries, self.keys, self.values, layer)
         if self.decoder is not None:
             self.keys = self.values = None  # release the full cache
-        self.queries = None
+        self.queries, self.observing = None, False
 
     @property
     def nbytes(self) -> int:
@@ -146,7 +147,8 @@ def sagekv_attention(module, query, key, value, attention_mask, **kwargs):
         if layer.decoder is not None:
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
             return layer.decoder.attend(query, scale).transpose(1, 2), None
-        layer.observe(query)
+        if layer.observing:
+            layer.observe(query)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -129,6 +129,29 @@ def test_full_matches_transformers_generate(checkpoints, models, family):
 
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_full_attention_decodes_as_the_library_does(models, backend, monkeypatch):
+    """After selection under full attention a decode step observes no query and, on torch, calls
+    transformers' SDPA attention with no mask, as its own decode does (SDPA's fast path)."""
+    model = models("llama", backend)
+    run = model.runner
+    prefilled = model.prefill(model.encode(PROMPT))
+    run.compress(prefilled.cache, sagekv.Full())
+    layers = prefilled.cache if backend == "mlx" else prefilled.cache.layers
+    masks = []
+    if backend == "torch":
+        import sagekv.backends.torch as backend_module
+
+        sdpa = backend_module.sdpa_attention_forward
+        monkeypatch.setattr(backend_module, "sdpa_attention_forward",
+                            lambda module, q, k, v, mask, **kwargs: masks.append(mask) or sdpa(module, q, k, v, mask, **kwargs))
+    token = run.next_token(prefilled.logits)
+    for _ in range(3):
+        token = run.next_token(run.forward(token, prefilled.cache))
+    assert all(layer.queries is None and layer.decoder is None for layer in layers)
+    assert masks == ([None] * 3 * run.num_layers if backend == "torch" else [])
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_positions_continue_after_eviction(models, backend):
     """Decode steps after eviction use RoPE positions N, N+1, ... (not the shrunken length)."""
     model = models("llama", backend)
