@@ -129,6 +129,18 @@ class SageLayer(DynamicLayer):
 class SageCache(Cache):
     def __init__(self, num_layers: int, observed_queries: int = 1):
         super().__init__(layers=[SageLayer(observed_queries) for _ in range(num_layers)])
+        self.position = None  # the next token's position, on the device
+        self.counted = None  # the length it was counted to
+
+    def position_ids(self, count: int, device):
+        """Positions [1, count] of the next tokens from a counter on the device, advanced in place:
+        a decode step reads no position from the host, so it is the same work every step."""
+        if self.counted != self.get_seq_length():  # first use, or tokens added layer by layer (sagekv.rag)
+            self.position = torch.full((1,), self.get_seq_length(), dtype=torch.int64, device=device)
+        positions = self.position + torch.arange(count, device=device)
+        self.position += count
+        self.counted = self.get_seq_length() + count
+        return positions[None]
 
     @contextlib.contextmanager
     def active(self):
@@ -210,13 +222,11 @@ class Runner:
 
     @torch.inference_mode()
     def forward(self, ids, cache):
-        start = cache.get_seq_length()
         input_ids = ids.reshape(1, 1) if isinstance(ids, torch.Tensor) else torch.tensor([ids], device=self.device)
-        positions = torch.arange(start, start + len(ids), device=self.device)[None]
         with cache.active():
             out = self.model(
                 input_ids=input_ids,
-                position_ids=positions,
+                position_ids=cache.position_ids(len(ids), self.device),
                 use_cache=True,
                 logits_to_keep=1,
                 **{self.cache_argument: cache},
@@ -248,6 +258,7 @@ class Runner:
         """A copy of a prefilled cache: layers only rebind their tensors, so sharing them is safe."""
         twin = copy.copy(cache)
         twin.layers = [copy.copy(layer) for layer in cache.layers]
+        twin.position = twin.counted = None  # the counter is advanced in place: the twin counts its own
         return twin
 
     def kv_bytes(self, cache) -> int:

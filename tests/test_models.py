@@ -170,6 +170,33 @@ def test_positions_continue_after_eviction(models, backend):
     assert layer.decoder.shared_k.shape[2] == layer.decoder.layout.sink + layer.decoder.layout.recent + 1
 
 
+@pytest.mark.parametrize("policy", POLICIES[1:], ids=repr)
+def test_torch_decode_step_after_eviction_is_the_same_graph_every_step(models, policy):
+    """Nothing a decode step computes with comes from the host per step (ring slot, positions): traced
+    at three steps it is one graph over the same tensors, written in place, so one captured step (a
+    CUDA graph) can replay every later one. The traced steps and a replay give generate's tokens."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model = models("llama", "torch")
+    run = model.runner
+    prefilled = model.prefill(model.encode(PROMPT))
+    run.compress(prefilled.cache, policy)
+    token, tokens, graphs = run.next_token(prefilled.logits), [], []
+    for _ in range(3):
+        tokens.append(run.token_id(token))
+        logits = []  # tracing runs the step
+        graphs.append(make_fx(lambda x: logits.append(run.forward(x, prefilled.cache)) or logits[0])(token))
+        token = run.next_token(logits[0])
+    tokens.append(run.token_id(token))
+    with torch.inference_mode():  # as Runner.forward: the cache's tensors are inference tensors
+        tokens.append(run.token_id(run.next_token(graphs[-1](token))))  # the last step's graph replayed as the next
+    tensors = [[tensor for _, tensor in graph.named_buffers()] for graph in graphs]  # weights and cache state
+    assert all(graph.code == graphs[0].code for graph in graphs)
+    assert all(len(held) == len(tensors[0]) and all(a is b for a, b in zip(held, tensors[0])) for held in tensors)
+    assert tokens == model.generate(PROMPT, policy=policy, max_tokens=5).tokens
+
+
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_one_prefill_serves_many_policies(models, backend):
     model = models("llama", backend)
