@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from ..cache import kept_of
 from ..dropin import OnePrompt
 from ..errors import SageKVError
 from ..generate import check_attention, check_model_type, legacy_rope_fields
@@ -44,6 +45,10 @@ class MlxOps(Ops):
     def attention(cls, q, k, v, scale, mask=None):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
+    @classmethod
+    def scatter_columns(cls, index, values, width):
+        return mx.put_along_axis(cls.full((index.shape[0], width), 0, like=values), index, values, axis=-1)
+
 
 class Draw:
     """One generation's draws: a key from the sampler's seed, split for each token."""
@@ -66,6 +71,7 @@ class SageKVCache(KVCache):
         super().__init__()
         self.window = max(observed_queries, 1)
         self.queries = None  # the last prompt queries, [Hq, W, D]
+        self.observing = True  # until selection: afterwards a step does what mlx-lm's own does
         self.decoder = None
 
     def update_and_fetch(self, keys, values):
@@ -86,7 +92,7 @@ class SageKVCache(KVCache):
         self.decoder = policy.decode_cache(MlxOps, self.queries, keys, values, layer)
         if self.decoder is not None:
             self.keys = self.values = None  # release the full cache
-        self.queries = None
+        self.queries, self.observing = None, False
 
     def is_trimmable(self):
         return self.decoder is None
@@ -97,9 +103,6 @@ class SageKVCache(KVCache):
             return self.decoder.nbytes
         keys, values = self.keys_and_values()
         return keys.nbytes + values.nbytes
-
-    def kept(self):
-        return self.decoder.kept() if self.decoder is not None else None
 
     def clone(self):
         """A copy that shares no buffer it could write into (a prefilled cache only)."""
@@ -148,7 +151,8 @@ def _wrap_attention(original):
         if isinstance(cache, SageKVCache):
             if cache.decoder is not None:
                 return cache.decoder.attend(queries, scale)
-            cache.observe(queries)
+            if cache.observing:
+                cache.observe(queries)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
 
     scaled_dot_product_attention.sagekv_original = original
@@ -268,7 +272,7 @@ class Runner:
         return sum(c.nbytes for c in cache)
 
     def kept(self, cache):
-        return [c.kept() for c in cache]
+        return kept_of(MlxOps, [c.decoder for c in cache])
 
     def sync(self):
         mx.synchronize()

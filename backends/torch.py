@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..cache import kept_of
 from ..dropin import OnePrompt
 from ..errors import SageKVError
 from ..generate import check_attention, check_model_type
@@ -46,12 +47,20 @@ class TorchOps(Ops):
         return x.to(dtype)
 
     @classmethod
+    def asarray(cls, x, like):
+        host = torch.as_tensor(x)
+        if like.device.type != "cuda":
+            return host.to(like.device)
+        # from pinned memory the copy is queued behind the device's work; from pageable memory it waits for it
+        return host.pin_memory().to(like.device, non_blocking=True)
+
+    @classmethod
     def topk_indices(cls, x, k):
         return torch.topk(x, k, dim=-1, sorted=False).indices
 
     @classmethod
-    def sort(cls, x):
-        return torch.sort(x, dim=-1).values
+    def scatter_columns(cls, index, values, width):
+        return cls.full((index.shape[0], width), 0, like=values).scatter_(-1, index, values)
 
     @classmethod
     def reduce_max(cls, x, axis):
@@ -87,6 +96,7 @@ class SageLayer(DynamicLayer):
         super().__init__()
         self.window = max(observed_queries, 1)
         self.queries = None  # the last prompt queries, [Hq, W, D]
+        self.observing = True  # until selection: afterwards a step does what transformers' own does
         self.decoder = None
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -110,7 +120,7 @@ class SageLayer(DynamicLayer):
         self.decoder = policy.decode_cache(TorchOps, self.queries, self.keys, self.values, layer)
         if self.decoder is not None:
             self.keys = self.values = None  # release the full cache
-        self.queries = None
+        self.queries, self.observing = None, False
 
     @property
     def nbytes(self) -> int:
@@ -118,13 +128,22 @@ class SageLayer(DynamicLayer):
             return self.decoder.nbytes
         return TorchOps.nbytes(self.keys) + TorchOps.nbytes(self.values)
 
-    def kept(self):
-        return self.decoder.kept() if self.decoder is not None else None
-
 
 class SageCache(Cache):
-    def __init__(self, num_layers: int, observed_queries: int = 1):
-        super().__init__(layers=[SageLayer(observed_queries) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, observed_queries: int = 1, layers=None):
+        super().__init__(layers=layers or [SageLayer(observed_queries) for _ in range(num_layers)])
+        self.position = None  # the next token's position, on the device
+        self.counted = None  # the length it was counted to
+
+    def position_ids(self, count: int, device):
+        """Positions [1, count] of the next tokens from a counter on the device, advanced in place:
+        a decode step reads no position from the host, so it is the same work every step."""
+        if self.counted != self.get_seq_length():  # first use, or tokens added layer by layer (sagekv.rag)
+            self.position = torch.full((1,), self.get_seq_length(), dtype=torch.int64, device=device)
+        positions = self.position + torch.arange(count, device=device)
+        self.position += count
+        self.counted = self.get_seq_length() + count
+        return positions[None]
 
     @contextlib.contextmanager
     def active(self):
@@ -143,7 +162,8 @@ def sagekv_attention(module, query, key, value, attention_mask, **kwargs):
         if layer.decoder is not None:
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
             return layer.decoder.attend(query, scale).transpose(1, 2), None
-        layer.observe(query)
+        if layer.observing:
+            layer.observe(query)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -172,7 +192,7 @@ class PromptCache(SageCache):
     """PromptLayers for one ``generate`` call."""
 
     def __init__(self, num_layers: int, policy):
-        Cache.__init__(self, layers=[PromptLayer(policy, index) for index in range(num_layers)])
+        super().__init__(num_layers, layers=[PromptLayer(policy, index) for index in range(num_layers)])
         self.called = False
 
     # generate sets this on the cache it is given at the start of every call: where a second call is refused
@@ -274,13 +294,11 @@ class Runner:
 
     @torch.inference_mode()
     def forward(self, ids, cache):
-        start = cache.get_seq_length()
         input_ids = ids.reshape(1, 1) if isinstance(ids, torch.Tensor) else torch.tensor([ids], device=self.device)
-        positions = torch.arange(start, start + len(ids), device=self.device)[None]
         with cache.active():
             out = self.model(
                 input_ids=input_ids,
-                position_ids=positions,
+                position_ids=cache.position_ids(len(ids), self.device),
                 use_cache=True,
                 logits_to_keep=1,
                 **{self.cache_argument: cache},
@@ -312,13 +330,14 @@ class Runner:
         """A copy of a prefilled cache: layers only rebind their tensors, so sharing them is safe."""
         twin = copy.copy(cache)
         twin.layers = [copy.copy(layer) for layer in cache.layers]
+        twin.position = twin.counted = None  # the counter is advanced in place: the twin counts its own
         return twin
 
     def kv_bytes(self, cache) -> int:
         return sum(layer.nbytes for layer in cache.layers)
 
     def kept(self, cache):
-        return [layer.kept() for layer in cache.layers]
+        return kept_of(TorchOps, [layer.decoder for layer in cache.layers])
 
     def sync(self):
         if self.device.type == "cuda":

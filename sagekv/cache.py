@@ -49,9 +49,18 @@ class DecodeCache(ABC):
     def attend(self, queries, scale):
         """Attention of one query token [1, Hq, 1, D] over what the cache keeps: [1, Hq, 1, D]."""
 
-    @abstractmethod
     def kept(self):
         """Positions each row attends to now, sorted [rows, kept] (numpy), or None when it keeps all."""
+        return self.kept_from([self.ops.to_numpy(array) for array in self.position_arrays])
+
+    @property
+    def position_arrays(self) -> list:
+        """The library arrays that :meth:`kept` reads, if the cache holds its positions there."""
+        return []
+
+    @abstractmethod
+    def kept_from(self, positions: list):
+        """:meth:`kept` from numpy copies of :attr:`position_arrays`."""
 
     @property
     @abstractmethod
@@ -81,6 +90,23 @@ class DecodeCache(ABC):
         for name in cls.held:
             setattr(cache, name, arrays.get(name))
         return cache
+
+
+def kept_of(ops, decoders: list) -> list:
+    """Each decoder's :meth:`~DecodeCache.kept` (None for a layer without one), every layer's
+    position arrays read from the device in one transfer rather than one per layer."""
+    held = [[] if decoder is None else decoder.position_arrays for decoder in decoders]
+    arrays = [array for layer in held for array in layer]
+    flat = ops.to_numpy(ops.concat([a.reshape(-1) for a in arrays], axis=0)) if arrays else None
+    kept, start = [], 0
+    for decoder, layer in zip(decoders, held):
+        positions = []
+        for array in layer:
+            size = int(np.prod(array.shape))
+            positions.append(flat[start : start + size].reshape(tuple(array.shape)))
+            start += size
+        kept.append(None if decoder is None else decoder.kept_from(positions))
+    return kept
 
 
 def cache_from_state(ops, arrays: dict, meta: dict) -> DecodeCache:
@@ -187,13 +213,16 @@ class CompactKV(DecodeCache):
         out = two_part_attention(ops, q, self.shared_k, self.shared_v, self.selected_k, self.selected_v)
         return out.reshape(1, hq, 1, d)
 
-    def kept(self):
-        shared = self.ops.to_numpy(self.shared_positions).astype(np.int64)
+    @property
+    def position_arrays(self) -> list:
+        return [self.shared_positions] + ([self.selected_positions] if self.per_head else [])
+
+    def kept_from(self, positions: list):
+        shared = positions[0].astype(np.int64)
         if not self.per_head:
             return np.sort(shared, axis=1)
         shared = np.repeat(shared, self.layout.groups_per_kv, axis=0)
-        selected = self.ops.to_numpy(self.selected_positions).astype(np.int64)
-        return np.sort(np.concatenate([shared, selected], axis=1), axis=1)
+        return np.sort(np.concatenate([shared, positions[1].astype(np.int64)], axis=1), axis=1)
 
     @property
     def arrays(self) -> list:
@@ -238,12 +267,12 @@ class QuestKV(DecodeCache):
         self.ops, self.page, self.budget = ops, policy.page, policy.budget
         self.length = keys.shape[2]
         self.keys, self.values = self.grown(keys, self.growth), self.grown(values, self.growth)
-        pages = -(-self.length // self.page)
-        bounds_min, bounds_max = [], []
-        for p in range(pages):
-            chunk = keys[:, :, p * self.page : (p + 1) * self.page]
-            bounds_min.append(ops.reduce_min(chunk, axis=2)[:, :, None])
-            bounds_max.append(ops.reduce_max(chunk, axis=2)[:, :, None])
+        whole = self.length // self.page * self.page  # the full pages, reduced at once
+        pages = keys[:, :, :whole].reshape(*keys.shape[:2], whole // self.page, self.page, keys.shape[3])
+        bounds_min, bounds_max = [ops.reduce_min(pages, axis=3)], [ops.reduce_max(pages, axis=3)]
+        if whole < self.length:  # the last page, partly filled
+            bounds_min.append(ops.reduce_min(keys[:, :, whole:], axis=2)[:, :, None])
+            bounds_max.append(ops.reduce_max(keys[:, :, whole:], axis=2)[:, :, None])
         self.page_min = self.grown(ops.concat(bounds_min, axis=2), self.page_growth)
         self.page_max = self.grown(ops.concat(bounds_max, axis=2), self.page_growth)
 
@@ -294,7 +323,7 @@ class QuestKV(DecodeCache):
         probs = ops.astype_like(ops.softmax(logits), v)
         return ops.astype_like((probs @ v).reshape(1, hq, 1, d), queries)
 
-    def kept(self):
+    def kept_from(self, positions: list):
         return None  # every position stays; pages are chosen per step
 
     @property
@@ -402,8 +431,8 @@ class SegmentKV(DecodeCache):
         compact.length = self.length  # positions continue from the concatenated prompt's
         return compact
 
-    def kept(self):
-        return self.positions[None]
+    def kept_from(self, positions: list):
+        return self.positions[None]  # held on the host
 
     @property
     def arrays(self) -> list:

@@ -65,8 +65,12 @@ class Ops:
         return cls.astype(cls.xp.argpartition(-x, kth=k - 1, axis=-1)[..., :k], cls.index_dtype)
 
     @classmethod
-    def sort(cls, x):
-        return cls.xp.sort(x, axis=-1)
+    def scatter_columns(cls, index, values, width):
+        """A [rows, width] array with values[r, c] at column index[r, c] of row r, zero where none
+        lands (where several land on one column, any one of them)."""
+        out = cls.full((index.shape[0], width), 0, like=values)
+        cls.xp.put_along_axis(out, index, values, axis=-1)
+        return out
 
     @classmethod
     def cumsum(cls, x, axis):

@@ -32,13 +32,13 @@ def kept_positions(policy, ops, queries, keys, layout):
     parts = [ops.broadcast_rows(ops.arange(0, layout.sink, like=keys), rows)]
     if layout.topk:
         scores = policy.scores(ops, queries, keys, layout)
-        parts.append(ops.sort(top_positions(ops, scores, layout.topk)) + layout.sink)
+        parts.append(top_positions(ops, scores, layout.topk) + layout.sink)
     parts.append(ops.broadcast_rows(ops.arange(n - 1 - layout.recent, n, like=keys), rows))
     return ops.concat(parts, axis=1)
 
 
 def top_positions(ops, scores, k: int):
-    """Indices of the k largest scores per row; equal scores keep the earliest position.
+    """Indices of the k largest scores per row, ascending; equal scores keep the earliest position.
 
     The tie rule makes every backend keep the same tokens when scores tie exactly (max-pooled
     plateaus, keys of repeated tokens).
@@ -48,9 +48,11 @@ def top_positions(ops, scores, k: int):
     kth = ops.reduce_min(scores[ops.arange(0, rows, like=some)[:, None], some], axis=-1)[:, None]
     above, tied = scores > kth, scores == kth
     missing = k - above.sum(axis=-1)[:, None]
-    keep = above | (tied & (ops.cumsum(tied, axis=-1) <= missing))
-    earliest_first = ops.float32(keep) * ops.float32(count - ops.arange(0, count, like=some))
-    return ops.topk_indices(earliest_first, k)
+    keep = above | (tied & (ops.cumsum(tied, axis=-1) <= missing))  # exactly k per row
+    # each kept index goes to its rank among the kept, so they come out in order; the rest to a spare column
+    rank = ops.xp.where(keep, ops.cumsum(keep, axis=-1) - 1, k)
+    columns = ops.xp.broadcast_to(ops.arange(0, count, like=some)[None], rank.shape)
+    return ops.scatter_columns(rank, columns, k + 1)[:, :k]
 
 
 def last_queries(ops, previous, queries, window: int):

@@ -87,6 +87,25 @@ def test_torch_cuda_releases_full_cache(tmp_path):
     assert 0 <= token < 258
 
 
+@pytest.mark.gpu
+def test_torch_cuda_selection_never_waits_for_the_device(checkpoints):
+    """No policy's selection makes the host wait for the GPU (torch raises on any call that would)."""
+    torch = torch_cuda()
+    from sagekv.policies import NAMED, make_policy
+
+    model = sagekv.load(checkpoints["llama"], backend="torch", device="cuda", dtype="float32")
+    for name in NAMED:
+        policy = make_policy(name, 32)
+        cache = model.prefill(model.encode(PROMPT), policy.observed_queries).cache
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model.runner.compress(cache, policy)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert len(model.runner.kept(cache)) == model.runner.num_layers
+
+
 RAG_DOCUMENTS = ["Alpha beta gamma delta. The key for door seven is 4821. " * 3, "Eta theta iota kappa lambda. " * 5]
 RAG_QUESTION = "Question: what is the key for door seven? Answer:"
 

@@ -129,6 +129,29 @@ def test_full_matches_transformers_generate(checkpoints, models, family):
 
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_full_attention_decodes_as_the_library_does(models, backend, monkeypatch):
+    """After selection under full attention a decode step observes no query and, on torch, calls
+    transformers' SDPA attention with no mask, as its own decode does (SDPA's fast path)."""
+    model = models("llama", backend)
+    run = model.runner
+    prefilled = model.prefill(model.encode(PROMPT))
+    run.compress(prefilled.cache, sagekv.Full())
+    layers = prefilled.cache if backend == "mlx" else prefilled.cache.layers
+    masks = []
+    if backend == "torch":
+        import sagekv.backends.torch as backend_module
+
+        sdpa = backend_module.sdpa_attention_forward
+        monkeypatch.setattr(backend_module, "sdpa_attention_forward",
+                            lambda module, q, k, v, mask, **kwargs: masks.append(mask) or sdpa(module, q, k, v, mask, **kwargs))
+    token = run.next_token(prefilled.logits)
+    for _ in range(3):
+        token = run.next_token(run.forward(token, prefilled.cache))
+    assert all(layer.queries is None and layer.decoder is None for layer in layers)
+    assert masks == ([None] * 3 * run.num_layers if backend == "torch" else [])
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_positions_continue_after_eviction(models, backend):
     """Decode steps after eviction use RoPE positions N, N+1, ... (not the shrunken length)."""
     model = models("llama", backend)
@@ -145,6 +168,33 @@ def test_positions_continue_after_eviction(models, backend):
     assert position() == len(ids) + 1
     assert layer.decoder.shared_positions.max() == len(ids)
     assert layer.decoder.shared_k.shape[2] == layer.decoder.layout.sink + layer.decoder.layout.recent + 1
+
+
+@pytest.mark.parametrize("policy", POLICIES[1:], ids=repr)
+def test_torch_decode_step_after_eviction_is_the_same_graph_every_step(models, policy):
+    """Nothing a decode step computes with comes from the host per step (ring slot, positions): traced
+    at three steps it is one graph over the same tensors, written in place, so one captured step (a
+    CUDA graph) can replay every later one. The traced steps and a replay give generate's tokens."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model = models("llama", "torch")
+    run = model.runner
+    prefilled = model.prefill(model.encode(PROMPT))
+    run.compress(prefilled.cache, policy)
+    token, tokens, graphs = run.next_token(prefilled.logits), [], []
+    for _ in range(3):
+        tokens.append(run.token_id(token))
+        logits = []  # tracing runs the step
+        graphs.append(make_fx(lambda x: logits.append(run.forward(x, prefilled.cache)) or logits[0])(token))
+        token = run.next_token(logits[0])
+    tokens.append(run.token_id(token))
+    with torch.inference_mode():  # as Runner.forward: the cache's tensors are inference tensors
+        tokens.append(run.token_id(run.next_token(graphs[-1](token))))  # the last step's graph replayed as the next
+    tensors = [[tensor for _, tensor in graph.named_buffers()] for graph in graphs]  # weights and cache state
+    assert all(graph.code == graphs[0].code for graph in graphs)
+    assert all(len(held) == len(tensors[0]) and all(a is b for a, b in zip(held, tensors[0])) for held in tensors)
+    assert tokens == model.generate(PROMPT, policy=policy, max_tokens=5).tokens
 
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])

@@ -116,8 +116,8 @@ def test_ties_keep_the_earliest_positions(library):
 
     scores = np.array([[1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.5, 2.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0]], np.float32)
     x = to_library(scores, library)
-    top = np.sort(to_numpy(top_positions(ops_for(x), x, 4)), axis=1)
-    assert top.tolist() == [[1, 2, 3, 4], [0, 1, 2, 3]]
+    top = to_numpy(top_positions(ops_for(x), x, 4))
+    assert top.tolist() == [[1, 2, 3, 4], [0, 1, 2, 3]]  # ascending, as they come
 
 
 @pytest.mark.parametrize("library", LIBRARIES)

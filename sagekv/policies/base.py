@@ -94,6 +94,16 @@ class Policy:
         return Layout(n, q_heads, kv_heads, sink, budget - sink - recent, recent, 1, n > budget + 1)
 
 
+def key_logits(ops, queries, keys):
+    """q.k of every query [Hq, W, D] with its KV head's keys [Hkv, N, D], float32: [Hkv, G * W, N].
+
+    One matrix product per KV head: broadcasting the keys over the group instead makes torch
+    copy them G times (most of the selection's time at long prompts).
+    """
+    hkv, _, d = keys.shape
+    return ops.float32(queries).reshape(hkv, -1, d) @ ops.float32(keys).swapaxes(-1, -2)
+
+
 def attention_probs(ops, queries, keys):
     """Softmax attention of the observed queries over all keys, float32: [Hkv, G, W, N].
 
@@ -101,8 +111,7 @@ def attention_probs(ops, queries, keys):
     """
     hkv, n, d = keys.shape
     hq, w, _ = queries.shape
-    q = ops.float32(queries).reshape(hkv, hq // hkv, w, d)
-    logits = (q @ ops.float32(keys)[:, None].swapaxes(-1, -2)) * (d**-0.5)
+    logits = key_logits(ops, queries, keys).reshape(hkv, hq // hkv, w, n) * (d**-0.5)
     if w > 1:
         future = ops.arange(0, n, like=keys)[None, :] > ops.arange(n - w, n, like=keys)[:, None]
         logits = logits - 1e30 * ops.float32(future)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import SageKVError
-from .base import Layout, Policy, attention_probs, carry_forward, check_int, group_size, pool
+from .base import Layout, Policy, attention_probs, carry_forward, check_int, group_size, key_logits, pool
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,7 @@ class SageKV(Policy):
         hkv, n, d = keys.shape
         last = queries[:, -1:]
         if self.group == "query_head" and self.pool == self.follow == 1:
-            q = ops.float32(last).reshape(hkv, -1, 1, d)
-            scores = (q @ ops.float32(keys)[:, None].swapaxes(-1, -2)).reshape(layout.q_heads, n) * (d**-0.5)
+            scores = key_logits(ops, last, keys).reshape(layout.q_heads, n) * (d**-0.5)
         else:
             probs = attention_probs(ops, last, keys).reshape(hkv, -1, n)  # [Hkv, G, N]
             scores = probs.reshape(layout.q_heads, n) if self.group == "query_head" else probs.sum(axis=1)
