@@ -219,6 +219,19 @@ class SageModel:
 
         return rag(self, documents, question, method, store, max_tokens, policy, on_token, sampler)
 
+    def save_cache(self, prefilled: "Prefilled", path) -> str:
+        """Save a prefilled (or selected) cache to the safetensors file ``path`` (see
+        :mod:`sagekv.saved_cache`); returns its absolute path."""
+        from .saved_cache import save_cache
+
+        return save_cache(self, prefilled, path)
+
+    def load_cache(self, path) -> "Prefilled":
+        """A cache saved by :meth:`save_cache`, with this model's weights, on either backend."""
+        from .saved_cache import load_cache
+
+        return load_cache(self, path)
+
     def decode_text(self, ids: list) -> str:
         return self.runner.tokenizer.decode(ids, skip_special_tokens=True)
 

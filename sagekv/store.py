@@ -248,13 +248,13 @@ class DocumentStore(_Store):
         if metadata.get("format") != FORMAT:
             raise SageKVError(f"document file {path} is not a sagekv document; delete it")
         if metadata.get("version") != VERSION:
-            raise SageKVError(f"document file {path} has format version {_quoted(metadata.get('version'))}, "
+            raise SageKVError(f"document file {path} has format version {quoted(metadata.get('version'))}, "
                               f"this sagekv writes {VERSION!r}; delete it")
         if metadata.get("model") != self.model:
-            raise SageKVError(f"document file {path} belongs to another model (weights {_quoted(metadata.get('model'))}, "
+            raise SageKVError(f"document file {path} belongs to another model (weights {quoted(metadata.get('model'))}, "
                               f"this store's are {self.model!r}); delete it")
         if metadata.get("key") != key:
-            raise SageKVError(f"document file {path} holds another document (key {_quoted(metadata.get('key'))}); delete it")
+            raise SageKVError(f"document file {path} holds another document (key {quoted(metadata.get('key'))}); delete it")
         return {name: value for name, value in metadata.items() if name not in RESERVED_META}
 
     def _add(self, key, arrays, tags, meta) -> StoredDocument:
@@ -368,7 +368,7 @@ def _file_checksum(file, header: dict, data_start: int) -> str:
         checksum.update(buffer[:count])
 
 
-def _quoted(value) -> str:
+def quoted(value) -> str:
     """A value read from a file, shown in one short line."""
     return repr(str(value)[:64])
 
