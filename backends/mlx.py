@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from ..cache import kept_of
+from ..cache import full_layer, kept_of
 from ..dropin import OnePrompt
 from ..errors import SageKVError
 from ..generate import check_attention, check_model_type, legacy_rope_fields
@@ -61,7 +61,7 @@ class Draw:
         return mx.random.categorical(filtered_logits(MlxOps, logits, self.sampler), key=key)
 
 
-STORED_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16"}  # safetensors' names
+STORED_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.int64: "I64", mx.int32: "I32"}  # safetensors' names
 
 
 class SageKVCache(KVCache):
@@ -105,9 +105,12 @@ class SageKVCache(KVCache):
         return keys.nbytes + values.nbytes
 
     def clone(self):
-        """A copy that shares no buffer it could write into (a prefilled cache only)."""
+        """A copy that shares no buffer it could write into."""
         twin = copy.copy(self)
-        twin.keys, twin.values = self.keys_and_values()  # slices are new arrays
+        if self.decoder is not None:
+            twin.decoder = self.decoder.copy()
+        else:
+            twin.keys, twin.values = self.keys_and_values()  # slices are new arrays
         return twin
 
 
@@ -277,9 +280,35 @@ class Runner:
     def sync(self):
         mx.synchronize()
 
-    # Layer by layer, for caches assembled from stored documents (sagekv.rag)
+    # A cache taken apart into layers and put back together (sagekv.rag, sagekv.saved_cache)
 
     ops = MlxOps
+
+    def wrap(self, layers, observed_queries: int = 1):
+        """A cache of ``layers``: each a decode cache, or a full layer's arrays (sagekv.cache.full_layer)."""
+        cache = self.new_cache(observed_queries)
+        for c, held in zip(cache, layers):
+            if isinstance(held, dict):
+                c.update_and_fetch(held["keys"], held["values"])
+                c.queries = held.get("queries")
+            else:
+                c.decoder, c.offset = held, held.length
+        return cache
+
+    def unwrap(self, cache) -> list:
+        """Per layer: its decode cache, or while it keeps everything its arrays (sagekv.cache.full_layer)."""
+        return [c.decoder if c.decoder is not None else full_layer(*c.keys_and_values(), c.queries) for c in cache]
+
+    def raw(self, array):
+        """(numpy array, safetensors dtype) of an array; bfloat16 as its uint16 bits."""
+        tag = STORED_DTYPES[array.dtype]
+        return np.array(array.view(mx.uint16) if tag == "BF16" else array), tag
+
+    def from_raw(self, array, tag: str):
+        out = mx.array(array)
+        return out.view(mx.bfloat16) if tag == "BF16" else out
+
+    # Layer by layer, for caches assembled from stored documents (sagekv.rag)
 
     def inference(self):
         return contextlib.nullcontext()
@@ -287,15 +316,6 @@ class Runner:
     def empty_kv(self):
         dtype = self.model.model.embed_tokens.weight.dtype
         return mx.zeros((1, self.kv_heads, 0, self.head_dim), dtype=dtype)
-
-    def wrap(self, decoders):
-        cache = self.new_cache()
-        for c, decoder in zip(cache, decoders):
-            c.decoder, c.offset = decoder, decoder.length
-        return cache
-
-    def decoders(self, cache) -> list:
-        return [c.decoder for c in cache]
 
     def embed(self, ids):
         return self.model.model.embed_tokens(mx.array(ids)[None])
@@ -319,12 +339,3 @@ class Runner:
         if type(rope).__name__ not in ("RoPE", "Llama3RoPE"):
             raise SageKVError(f"stored caches cannot be moved under {type(rope).__name__} (not a pure rotation)")
         return rope(keys.reshape(-1, 1, keys.shape[-1]), offset=shift).reshape(keys.shape)
-
-    def raw(self, array):
-        """(numpy array, safetensors dtype) of an array; bfloat16 as its uint16 bits."""
-        tag = STORED_DTYPES[array.dtype]
-        return np.array(array.view(mx.uint16) if tag == "BF16" else array), tag
-
-    def from_raw(self, array, tag: str):
-        out = mx.array(array)
-        return out.view(mx.bfloat16) if tag == "BF16" else out

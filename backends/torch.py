@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..cache import kept_of
+from ..cache import full_layer, kept_of
 from ..dropin import OnePrompt
 from ..errors import SageKVError
 from ..generate import check_attention, check_model_type
@@ -83,6 +83,10 @@ class TorchOps(Ops):
     @classmethod
     def write(cls, buffer, axis, index, value):
         buffer.index_copy_(axis, index, value)  # one copy kernel; assignment would go through index_put_
+
+    @classmethod
+    def copy(cls, x):
+        return x.clone()
 
     @classmethod
     def to_numpy(cls, x):
@@ -253,7 +257,7 @@ class Draw:
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-STORED_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}  # safetensors' names
+STORED_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32"}  # safetensors' names
 
 
 class Runner:
@@ -327,10 +331,14 @@ class Runner:
             layer.compress(policy, index)
 
     def clone_cache(self, cache):
-        """A copy of a prefilled cache: layers only rebind their tensors, so sharing them is safe."""
+        """A copy of a cache: full layers only rebind their tensors, so sharing them is safe; decode
+        caches write into theirs, so they are copied."""
         twin = copy.copy(cache)
         twin.layers = [copy.copy(layer) for layer in cache.layers]
         twin.position = twin.counted = None  # the counter is advanced in place: the twin counts its own
+        for layer in twin.layers:
+            if layer.decoder is not None:
+                layer.decoder = layer.decoder.copy()
         return twin
 
     def kv_bytes(self, cache) -> int:
@@ -343,24 +351,45 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # Layer by layer, for caches assembled from stored documents (sagekv.rag)
+    # A cache taken apart into layers and put back together (sagekv.rag, sagekv.saved_cache)
 
     ops = TorchOps
+
+    def wrap(self, layers, observed_queries: int = 1):
+        """A cache of ``layers``: each a decode cache, or a full layer's arrays (sagekv.cache.full_layer)."""
+        cache = SageCache(self.num_layers, observed_queries)
+        for layer, held in zip(cache.layers, layers):
+            if isinstance(held, dict):
+                layer.update(held["keys"], held["values"])
+                layer.queries = held.get("queries")
+            else:
+                layer.decoder = held
+        return cache
+
+    def unwrap(self, cache) -> list:
+        """Per layer: its decode cache, or while it keeps everything its arrays (sagekv.cache.full_layer)."""
+        return [layer.decoder if layer.decoder is not None else full_layer(layer.keys, layer.values, layer.queries)
+                for layer in cache.layers]
+
+    def raw(self, array):
+        """(numpy array, safetensors dtype) of a tensor; bfloat16 as its uint16 bits."""
+        tag = STORED_DTYPES[array.dtype]
+        array = array.detach().contiguous().cpu()
+        return (array.view(torch.uint16) if tag == "BF16" else array).numpy(), tag
+
+    def from_raw(self, array, tag: str):
+        tensor = torch.from_numpy(array)
+        if tag == "BF16":
+            tensor = tensor.view(torch.bfloat16)
+        return tensor.to(self.device)
+
+    # Layer by layer, for caches assembled from stored documents (sagekv.rag)
 
     def inference(self):
         return torch.inference_mode()
 
     def empty_kv(self):
         return torch.zeros(1, self.kv_heads, 0, self.head_dim, dtype=self.model.dtype, device=self.device)
-
-    def wrap(self, decoders):
-        cache = SageCache(self.num_layers)
-        for layer, decoder in zip(cache.layers, decoders):
-            layer.decoder = decoder
-        return cache
-
-    def decoders(self, cache) -> list:
-        return [layer.decoder for layer in cache.layers]
 
     @torch.inference_mode()
     def embed(self, ids):
@@ -394,15 +423,3 @@ class Runner:
         turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         out = x * angle.cos().float() + turned * angle.sin().float()
         return torch.cat([out.to(keys.dtype), keys[..., rotated:]], dim=-1)
-
-    def raw(self, array):
-        """(numpy array, safetensors dtype) of a tensor; bfloat16 as its uint16 bits."""
-        tag = STORED_DTYPES[array.dtype]
-        array = array.detach().contiguous().cpu()
-        return (array.view(torch.uint16) if tag == "BF16" else array).numpy(), tag
-
-    def from_raw(self, array, tag: str):
-        tensor = torch.from_numpy(array)
-        if tag == "BF16":
-            tensor = tensor.view(torch.bfloat16)
-        return tensor.to(self.device)

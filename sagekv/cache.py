@@ -91,6 +91,10 @@ class DecodeCache(ABC):
             setattr(cache, name, arrays.get(name))
         return cache
 
+    def copy(self) -> "DecodeCache":
+        """A copy sharing no array with this cache (decoding writes into its arrays in place)."""
+        return type(self).from_state(self.ops, {name: self.ops.copy(a) for name, a in self.state.items()}, self.meta)
+
 
 def kept_of(ops, decoders: list) -> list:
     """Each decoder's :meth:`~DecodeCache.kept` (None for a layer without one), every layer's
@@ -115,6 +119,13 @@ def cache_from_state(ops, arrays: dict, meta: dict) -> DecodeCache:
     if meta.get("kind") not in kinds:
         raise SageKVError(f"unknown decode cache kind {meta.get('kind')!r} (known: {', '.join(kinds)})")
     return kinds[meta["kind"]].from_state(ops, arrays, meta)
+
+
+def full_layer(keys, values, queries=None) -> dict:
+    """A layer that keeps its whole cache, as backends take a cache apart and put it together
+    (``unwrap``, ``wrap``): its keys and values [1, Hkv, N, D] and, until a policy has selected, its
+    last prompt queries [Hq, W, D]."""
+    return {"keys": keys, "values": values, **({} if queries is None else {"queries": queries})}
 
 
 class CompactKV(DecodeCache):

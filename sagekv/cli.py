@@ -15,6 +15,7 @@ from .gguf import MODELS
 from .policies import DEFAULT_POLICY, NAMED, make_policy
 from .rag import METHODS, make_method, prompt_ids, rag_ids
 from .sampling import Sampler
+from .saved_cache import cache_path, check_save_path
 from .store import DocumentStore
 from .tasks import DEFAULT_HAYSTACK, HAYSTACKS
 
@@ -66,8 +67,13 @@ def cli():
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help=DTYPE_HELP)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template (instruct models; not the built-in example).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--save-cache", "save_path", default=None,
+              help="Also save the prompt's full prefilled cache to this file (safetensors), for --load-cache.")
+@click.option("--load-cache", "load_path", default=None,
+              help="Answer the prompt as a question appended to the prompt saved in this file by --save-cache.")
 @sampling_options()
-def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, device, dtype, chat, as_json, sampler):
+def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, device, dtype, chat, as_json, save_path,
+        load_path, sampler):
     """Generate from a prompt with a KV-cache policy and report memory and timing.
 
     Without --prompt or --prompt-file: a built-in task example, full attention against the policy.
@@ -75,30 +81,67 @@ def run(backend, model_path, policy, budget, prompt, prompt_file, max_tokens, de
     sampler = sampler.seeded()  # a seed drawn here is reported, so the text can be reproduced
     if prompt is not None and prompt_file is not None:
         raise SageKVError("give either --prompt or --prompt-file, not both")
+    if save_path is not None and load_path is not None:
+        raise SageKVError("give either --save-cache or --load-cache, not both")
+    cached = save_path is not None or load_path is not None
     if prompt_file is not None:
         prompt = read_text(prompt_file, "prompt file")
     if prompt is None:
         if chat:
             raise SageKVError("--chat needs --prompt or --prompt-file (the built-in example is a plain task prompt)")
+        if cached:
+            raise SageKVError("--save-cache and --load-cache need --prompt or --prompt-file (the built-in example is not saved)")
         return run_example(backend, model_path, policy, budget, max_tokens, device, dtype, as_json, sampler)
+    if chat and cached:
+        raise SageKVError("--chat cannot be used with --save-cache or --load-cache (the chat template wraps one whole prompt)")
     if not prompt.strip():
         raise SageKVError("the prompt is empty")
+    save_path = None if save_path is None else check_save_path(save_path)  # before a long prefill, not after
     max_tokens = MAX_TOKENS if max_tokens is None else max_tokens
     chosen, budget, model = policy_and_model(policy, budget, max_tokens, model_path, backend, device, dtype)
+    if cached:
+        prefilled, cache = cached_prompt(model, prompt, chosen, max_tokens, save_path, load_path)
+        generate = functools.partial(model.decode, prefilled, chosen, max_tokens, keep_prefill=False, sampler=sampler)
+    else:
+        generate = functools.partial(model.generate, prompt, policy=chosen, max_tokens=max_tokens, chat=chat, sampler=sampler)
     if as_json:
-        result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat, sampler=sampler)
-        click.echo(json.dumps(json_record(result, model, policy, budget, sampler)))
+        record = json_record(generate(), model, policy, budget, sampler)
+        if cached:
+            record["cache"] = cache
+        click.echo(json.dumps(record))
         return
     stream = TextStream(model)
-    result = model.generate(prompt, policy=chosen, max_tokens=max_tokens, chat=chat, on_token=stream, sampler=sampler)
+    result = generate(on_token=stream)
     stream.finish(result.text)
     s = result.stats
+    prompt_label = f"prompt {result.prompt_tokens} tokens"
+    if cached:
+        prompt_label += f", saved to {save_path}" if save_path else f" ({cache['tokens']} from {cache['loaded']})"
     click.echo(
         f"[{model.backend} | {policy_label(policy, budget)}{sampler_label(sampler)} | "
-        f"prompt {result.prompt_tokens} tokens | KV {s.full_kv_bytes / 2**20:.2f} MiB -> {s.kept_kv_bytes / 2**20:.2f} MiB | "
+        f"{prompt_label} | KV {s.full_kv_bytes / 2**20:.2f} MiB -> {s.kept_kv_bytes / 2**20:.2f} MiB | "
         f"prefill {s.prefill_s:.2f}s select {s.select_s:.3f}s decode {s.decode_tokens_per_s:.1f} tok/s]",
         err=True,
     )
+
+
+def cached_prompt(model, prompt: str, policy, max_tokens: int, save_path, load_path) -> tuple:
+    """The prompt prefilled after the prompt saved in ``load_path`` (its tokens appended, as a question
+    after a document), or alone and saved to ``save_path`` with the last queries any named policy needs,
+    so a later question may use any of them; and what the JSON record says of the cache file."""
+    if load_path is not None:
+        saved = model.load_cache(load_path)
+        if saved.selected_by is not None:
+            raise SageKVError(f"cache file {load_path} holds a cache selected by {saved.selected_by}; "
+                              "--load-cache takes a prompt's full cache, as --save-cache writes it")
+        question = model.encode_plain(prompt)
+        model.check_length(saved.prompt_tokens + len(question) + max_tokens)
+        return model.extend(saved, question, keep_prefill=False), {"loaded": cache_path(load_path), "tokens": saved.prompt_tokens}
+    ids = model.encode(prompt)
+    model.check_length(len(ids) + max_tokens)
+    observed = max(make_policy(name, PROMPT_BUDGET).observed_queries for name in NAMED)
+    prefilled = model.prefill(ids, max(policy.observed_queries, observed))
+    return prefilled, {"saved": model.save_cache(prefilled, save_path)}
 
 
 def policy_and_model(policy: str, budget, max_tokens: int, model_path, backend, device, dtype,

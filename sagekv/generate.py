@@ -7,7 +7,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from .backend import Runner
@@ -219,6 +219,19 @@ class SageModel:
 
         return rag(self, documents, question, method, store, max_tokens, policy, on_token, sampler)
 
+    def save_cache(self, prefilled: "Prefilled", path) -> str:
+        """Save a prefilled (or selected) cache to the safetensors file ``path`` (see
+        :mod:`sagekv.saved_cache`); returns its absolute path."""
+        from .saved_cache import save_cache
+
+        return save_cache(self, prefilled, path)
+
+    def load_cache(self, path) -> "Prefilled":
+        """A cache saved by :meth:`save_cache`, with this model's weights, on either backend."""
+        from .saved_cache import load_cache
+
+        return load_cache(self, path)
+
     def decode_text(self, ids: list) -> str:
         return self.runner.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -250,36 +263,84 @@ class SageModel:
         return self.decode(prefilled, policy, max_tokens, keep_prefill=False, on_token=on_token, sampler=sampler)
 
     def prefill(self, ids: list, observed_queries: int = 1, prefill_chunk: int = PREFILL_CHUNK) -> "Prefilled":
-        """Full-attention prefill; the result can be decoded under several policies."""
-        run = self.runner
-        cache = run.new_cache(observed_queries)
+        """Full-attention prefill; the result can be decoded under several policies, have more tokens
+        appended (:meth:`extend`) and be saved (:meth:`save_cache`)."""
+        cache = self.runner.new_cache(observed_queries)
         start = time.perf_counter()
+        logits = self.prefill_into(cache, ids, prefill_chunk)
+        return Prefilled(cache, logits, len(ids), self.runner.kv_bytes(cache), time.perf_counter() - start, observed_queries,
+                         list(ids))
+
+    def extend(self, prefilled: "Prefilled", ids: list, keep_prefill: bool = True,
+               prefill_chunk: int = PREFILL_CHUNK) -> "Prefilled":
+        """``prefilled``'s prompt followed by ``ids`` (a question after a document), prefilled over its cache
+        as one prefill of the whole prompt would be: its last token alone, so that token's query guides
+        selection. ``keep_prefill``: extend a copy, so ``prefilled`` can take other questions; otherwise
+        its cache is taken over."""
+        if prefilled.selected_by is not None:
+            raise SageKVError(f"tokens can be appended to a full prefilled cache only; this one was selected by {prefilled.selected_by}")
+        if len(ids) == 0:
+            raise SageKVError("no tokens to append")
+        cache = self.take_cache(prefilled, keep_prefill)
+        start = time.perf_counter()
+        logits = self.prefill_into(cache, ids, prefill_chunk)
+        return Prefilled(cache, logits, prefilled.prompt_tokens + len(ids), self.runner.kv_bytes(cache),
+                         time.perf_counter() - start, prefilled.observed_queries, prefilled.ids + list(ids))
+
+    def prefill_into(self, cache, ids: list, prefill_chunk: int):
+        """Run ``ids`` through the model into ``cache``, ``prefill_chunk`` tokens at a time and the last
+        one alone (its query guides selection); its logits."""
+        run = self.runner
         for i in range(0, len(ids) - 1, prefill_chunk):
             run.prefill(ids[i : min(i + prefill_chunk, len(ids) - 1)], cache)
-        logits = run.forward(ids[-1:], cache)  # the last token alone: its query guides selection
+        logits = run.forward(ids[-1:], cache)
         run.sync()
-        return Prefilled(cache, logits, len(ids), run.kv_bytes(cache), time.perf_counter() - start, observed_queries)
+        return logits
+
+    def select(self, prefilled: "Prefilled", policy=None, keep_prefill: bool = True) -> "Prefilled":
+        """``prefilled`` with each layer's cache chosen by ``policy`` (default full attention): the policy's
+        compact decode cache, or the whole cache where it keeps everything. It decodes with
+        ``decode(selected, None, ...)`` and saves as a compact cache (:meth:`save_cache`).
+        ``keep_prefill``: select from a copy; otherwise the cache is taken over and evicted entries freed."""
+        policy = Full() if policy is None else policy
+        check_policy(policy)
+        if prefilled.selected_by is not None:
+            raise SageKVError(f"this cache was selected by {prefilled.selected_by} already")
+        check_observed(prefilled, policy)
+        run = self.runner
+        cache = self.take_cache(prefilled, keep_prefill)
+        start = time.perf_counter()
+        run.compress(cache, policy)
+        run.sync()
+        return replace(prefilled, cache=cache, selected_by=repr(policy), select_s=time.perf_counter() - start)
+
+    def take_cache(self, prefilled: "Prefilled", keep_prefill: bool):
+        """The cache to work on: a copy of ``prefilled``'s, or its own, which it then no longer holds."""
+        if prefilled.cache is None:
+            raise SageKVError("this prefilled cache was taken over by an earlier call with keep_prefill=False")
+        if keep_prefill:
+            return self.runner.clone_cache(prefilled.cache)
+        cache, prefilled.cache = prefilled.cache, None
+        return cache
 
     def decode(self, prefilled: "Prefilled", policy, max_tokens: int, keep_prefill: bool = True, on_token=None,
                sampler=None) -> Result:
-        """Select with ``policy``, then decode with ``sampler`` (default greedy; a seed restarts here).
+        """Select with ``policy`` (a cache :meth:`select` has chosen takes None), then decode with
+        ``sampler`` (default greedy; a seed restarts here).
 
         ``keep_prefill``: work on a copy so ``prefilled`` can serve other policies; otherwise its
         cache is consumed and the evicted entries are freed before decoding.
         """
         run = self.runner
-        policy = Full() if policy is None else policy
-        check_policy(policy)
         sampler = check_sampler(sampler)
+        if prefilled.selected_by is None:
+            selected = self.select(prefilled, policy, keep_prefill)
+        elif policy is not None:
+            raise SageKVError(f"this cache was selected by {prefilled.selected_by} already: decode it with policy None")
+        else:
+            selected = replace(prefilled, cache=self.take_cache(prefilled, keep_prefill))
         draw = None if sampler.greedy else run.new_draw(sampler.seeded())
-        check_observed(prefilled, policy)
-        cache = run.clone_cache(prefilled.cache) if keep_prefill else prefilled.cache
-        if not keep_prefill:
-            prefilled.cache = None
-        start = time.perf_counter()
-        run.compress(cache, policy)
-        run.sync()
-        select_s = time.perf_counter() - start
+        cache = selected.cache
         kept_bytes = run.kv_bytes(cache)
         kept = run.kept(cache)
 
@@ -299,7 +360,8 @@ class SageModel:
             pending = ahead
         decode_s = time.perf_counter() - start
         steps = max(len(tokens) - 1, 0)
-        stats = Stats(prefilled.full_kv_bytes, kept_bytes, prefilled.seconds, select_s, decode_s, steps / decode_s if steps else 0.0)
+        stats = Stats(prefilled.full_kv_bytes, kept_bytes, prefilled.seconds, selected.select_s, decode_s,
+                      steps / decode_s if steps else 0.0)
         return Result(self.decode_text(tokens), tokens, prefilled.prompt_tokens, stats, kept if any(k is not None for k in kept) else None)
 
 
@@ -330,3 +392,9 @@ class Prefilled:
     observed_queries: Optional[int] = None
     """Prompt queries each layer kept for selection; None for a cache whose layers check it
     themselves (assembled from stored documents, :mod:`sagekv.rag`)."""
+    ids: Optional[list] = None
+    """The prompt's token ids (None for a cache assembled from stored documents)."""
+    selected_by: Optional[str] = None
+    """The policy (its repr) whose caches the layers hold since :meth:`SageModel.select`; None while full."""
+    select_s: float = 0.0
+    """Seconds that selection took."""

@@ -96,6 +96,11 @@ class Ops:
         buffer[(slice(None),) * axis + (index,)] = value
 
     @classmethod
+    def copy(cls, x):
+        """A new array of ``x``'s values that shares nothing with it."""
+        return cls.xp.array(x)
+
+    @classmethod
     def to_numpy(cls, x):
         return np.asarray(x)
 

@@ -425,7 +425,7 @@ class SamKV(RagMethod):
         at each selection layer, [S, Hq, D] float32 numpy."""
         run = model.runner
         cache, _ = repair(model, pieces, question, [self.anchors(len(p.ids)) for p in pieces], compute=np.arange(0))
-        segments = run.decoders(cache)
+        segments = run.unwrap(cache)
         queries = [to_float(run.ops, segments[n].queries) for n in layers]  # each [Hq, question tokens, D]
         return np.stack([q.mean(axis=1) if self.query == "mean" else q[:, -1] for q in queries])
 

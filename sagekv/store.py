@@ -9,6 +9,9 @@ checksum and the caller's own strings.
 A file is checked before use: header structure, model, key, and the checksum, hashed once per
 process for each unchanged file. Tensors are read through a read-only memory map, so reading a
 few rows of a large tensor reads only those rows.
+
+Writing such a file in one step, and checking its structure and checksum, serve the saved caches
+(:mod:`sagekv.saved_cache`) too.
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ class _Store:
         A document already stored under ``key`` is returned as it is, without writing.
         """
         key = _checked_key(key)
-        arrays, tags = _checked_tensors(tensors)
+        arrays, tags = checked_tensors(tensors)
         meta = _checked_meta(meta)
         existing = self.get(key)
         return existing if existing is not None else self._add(key, arrays, tags, meta)
@@ -148,7 +151,7 @@ def _checked_key(key) -> str:
     return key
 
 
-def _checked_tensors(tensors) -> tuple:
+def checked_tensors(tensors) -> tuple:
     """name -> contiguous little-endian array, and name -> dtype tag."""
     if not isinstance(tensors, dict) or not tensors:
         raise SageKVError("a document needs a dict of tensors: name -> (numpy array, dtype tag)")
@@ -210,10 +213,8 @@ class DocumentStore(_Store):
             os.makedirs(self.root, exist_ok=True)
         except OSError as error:
             raise SageKVError(f"cannot create document store {self.root}: {error.strerror or error}") from None
-        try:  # permission bits say nothing for root (CI), so try it
-            probe, probe_path = _open_temporary(self.root, "probe")
-            probe.close()
-            os.unlink(probe_path)
+        try:
+            check_writable(self.root)
         except OSError as error:
             raise SageKVError(f"document store {self.root} is not writable: {error.strerror or error}") from None
 
@@ -227,17 +228,18 @@ class DocumentStore(_Store):
         try:
             with open(path, "rb") as file:
                 signature = _signature(os.fstat(file.fileno()))
-                header, data_start = _read_header(file, signature[0], path)
-                layout, begins = _tensor_table(header, signature[0] - data_start, path)
+                header, data_start = read_header(file, signature[0])
+                layout, begins = tensor_table(header, signature[0] - data_start)
                 meta = self._checked_metadata(header["__metadata__"], key, path)
                 if (path, *signature) not in _verified:
-                    if _file_checksum(file, header, data_start) != header["__metadata__"]["checksum"]:
-                        raise _damaged(path, "checksum mismatch")
+                    check_checksum(file, header, data_start)
                     _verified.add((path, *signature))
         except FileNotFoundError:
             return None
         except OSError as error:
             raise SageKVError(f"cannot read document file {path}: {error.strerror or error}") from None
+        except Damaged as error:
+            raise SageKVError(f"document file {path} is damaged ({error}); delete it") from None
         offsets = {name: data_start + begin for name, begin in begins.items()}
         return StoredDocument(key, meta, path, layout, _memory_map(path, signature, layout, offsets))
 
@@ -246,46 +248,79 @@ class DocumentStore(_Store):
         if metadata.get("format") != FORMAT:
             raise SageKVError(f"document file {path} is not a sagekv document; delete it")
         if metadata.get("version") != VERSION:
-            raise SageKVError(f"document file {path} has format version {_quoted(metadata.get('version'))}, "
+            raise SageKVError(f"document file {path} has format version {quoted(metadata.get('version'))}, "
                               f"this sagekv writes {VERSION!r}; delete it")
         if metadata.get("model") != self.model:
-            raise SageKVError(f"document file {path} belongs to another model (weights {_quoted(metadata.get('model'))}, "
+            raise SageKVError(f"document file {path} belongs to another model (weights {quoted(metadata.get('model'))}, "
                               f"this store's are {self.model!r}); delete it")
         if metadata.get("key") != key:
-            raise SageKVError(f"document file {path} holds another document (key {_quoted(metadata.get('key'))}); delete it")
-        if "checksum" not in metadata:
-            raise _damaged(path, "no checksum")
+            raise SageKVError(f"document file {path} holds another document (key {quoted(metadata.get('key'))}); delete it")
         return {name: value for name, value in metadata.items() if name not in RESERVED_META}
 
     def _add(self, key, arrays, tags, meta) -> StoredDocument:
         path = self.path(key)
-        header, order = _header(arrays, tags, {**meta, "format": FORMAT, "version": VERSION, "model": self.model, "key": key})
-        checksum = _checksum_start(header)
-        for name in order:
-            checksum.update(arrays[name])
-        header["__metadata__"]["checksum"] = checksum.hexdigest()
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # padding keeps the data 8-byte aligned, as safetensors does
-        # a temporary file replaced in one step: a reader sees the whole document or none
-        file, temporary = _open_temporary(self.root, os.path.basename(path))
         try:
-            with file:
-                file.write(len(text).to_bytes(8, "little"))
-                file.write(text)
-                for name in order:
-                    file.write(arrays[name])
-                file.flush()
-                os.fsync(file.fileno())
-                signature = _signature(os.fstat(file.fileno()))
-            os.replace(temporary, path)
-        except BaseException as error:  # disk full, permission, interrupt: leave nothing behind
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            if isinstance(error, OSError):
-                raise SageKVError(f"cannot write document file {path}: {error.strerror or error}") from None
-            raise
+            signature = write_file(path, arrays, tags, {**meta, "format": FORMAT, "version": VERSION, "model": self.model, "key": key})
+        except OSError as error:
+            raise SageKVError(f"cannot write document file {path}: {error.strerror or error}") from None
         _verified.add((path, *signature))  # these bytes were hashed as they were written
         return self.get(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checked safetensors files, shared with sagekv.saved_cache
+
+
+class Damaged(Exception):
+    """Why a file is not a whole, well-formed checked file; the caller names the file and what to do."""
+
+
+def write_file(path: str, arrays: dict, tags: dict, metadata: dict) -> tuple:
+    """Write ``arrays`` (name -> contiguous little-endian array; ``tags``: their safetensors dtypes) and
+    ``metadata`` (str -> str) with a sha256 checksum to ``path``, returning the file's signature.
+
+    The file is written beside ``path`` under a temporary name and moved into place in one step, so a
+    reader sees the whole file or none; on any failure (an OSError, an interrupt) nothing is left behind.
+    """
+    header, order = _header(arrays, tags, metadata)
+    checksum = _checksum_start(header)
+    for name in order:
+        checksum.update(arrays[name])
+    header["__metadata__"]["checksum"] = checksum.hexdigest()
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # padding keeps the data 8-byte aligned, as safetensors does
+    file, temporary = _open_temporary(os.path.dirname(path), os.path.basename(path))
+    try:
+        with file:
+            file.write(len(text).to_bytes(8, "little"))
+            file.write(text)
+            for name in order:
+                file.write(arrays[name])
+            file.flush()
+            os.fsync(file.fileno())
+            signature = _signature(os.fstat(file.fileno()))
+        os.replace(temporary, path)
+    except BaseException:  # disk full, permission, interrupt: leave nothing behind
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return signature
+
+
+def check_writable(directory: str) -> None:
+    """Create and remove a file in ``directory`` (permission bits say nothing for root, as in CI, so try it); OSError if refused."""
+    probe, probe_path = _open_temporary(directory, "probe")
+    probe.close()
+    os.unlink(probe_path)
+
+
+def check_checksum(file, header: dict, data_start: int) -> None:
+    """Raise Damaged unless the file's checksum matches its header and data."""
+    expected = header["__metadata__"].get("checksum")
+    if expected is None:
+        raise Damaged("no checksum")
+    if _file_checksum(file, header, data_start) != expected:
+        raise Damaged("checksum mismatch")
 
 
 def _open_temporary(directory: str, name: str) -> tuple:
@@ -333,58 +368,54 @@ def _file_checksum(file, header: dict, data_start: int) -> str:
         checksum.update(buffer[:count])
 
 
-def _quoted(value) -> str:
+def quoted(value) -> str:
     """A value read from a file, shown in one short line."""
     return repr(str(value)[:64])
 
 
-def _damaged(path: str, reason: str) -> SageKVError:
-    return SageKVError(f"document file {path} is damaged ({reason}); delete it")
-
-
-def _read_header(file, size: int, path: str) -> tuple:
+def read_header(file, size: int) -> tuple:
     """The parsed JSON header and where the data region starts."""
     prefix = file.read(8)
     if len(prefix) < 8:
-        raise _damaged(path, f"{size} bytes, shorter than a header")
+        raise Damaged(f"{size} bytes, shorter than a header")
     length = int.from_bytes(prefix, "little")
     if length > min(size - 8, MAX_HEADER_BYTES):
-        raise _damaged(path, f"header length {length} does not fit in {size} bytes")
+        raise Damaged(f"header length {length} does not fit in {size} bytes")
     try:
         header = json.loads(file.read(length))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise _damaged(path, "header is not valid JSON") from None
+        raise Damaged("header is not valid JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
-        raise _damaged(path, "header is not a safetensors header with metadata")
+        raise Damaged("header is not a safetensors header with metadata")
     if not all(isinstance(value, str) for value in header["__metadata__"].values()):
-        raise _damaged(path, "metadata values are not all strings")
+        raise Damaged("metadata values are not all strings")
     return header, 8 + length
 
 
-def _tensor_table(header: dict, data_size: int, path: str) -> tuple:
+def tensor_table(header: dict, data_size: int) -> tuple:
     """name -> (dtype tag, shape) and name -> data offset, once the entries tile the data region exactly."""
     layout, begins, ends = {}, {}, {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         if not isinstance(entry, dict) or entry.get("dtype") not in NUMPY_DTYPES:
-            raise _damaged(path, f"tensor {name!r} has no known dtype")
+            raise Damaged(f"tensor {name!r} has no known dtype")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
         if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
-            raise _damaged(path, f"tensor {name!r} has no valid shape")
+            raise Damaged(f"tensor {name!r} has no valid shape")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)):
-            raise _damaged(path, f"tensor {name!r} has no valid data offsets")
+            raise Damaged(f"tensor {name!r} has no valid data offsets")
         if offsets[1] - offsets[0] != math.prod(shape) * NUMPY_DTYPES[entry["dtype"]].itemsize:
-            raise _damaged(path, f"tensor {name!r}: data offsets do not match its shape and dtype")
+            raise Damaged(f"tensor {name!r}: data offsets do not match its shape and dtype")
         layout[name] = (entry["dtype"], tuple(shape))
         begins[name], ends[name] = offsets
     end = 0
     for name in sorted(begins, key=lambda name: (begins[name], ends[name])):
         if begins[name] != end:
-            raise _damaged(path, "tensor data overlaps or leaves gaps")
+            raise Damaged("tensor data overlaps or leaves gaps")
         end = ends[name]
     if end != data_size:
-        raise _damaged(path, f"the tensors take {end} bytes, the file holds {data_size}")
+        raise Damaged(f"the tensors take {end} bytes, the file holds {data_size}")
     return layout, begins
 
 

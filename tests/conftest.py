@@ -33,6 +33,30 @@ def word_tokens(text: str) -> list:
     return [0] + re.findall(r"\w+|[^\w\s]", text)
 
 
+class DiskFills:
+    """A file that takes ``room`` bytes, then fails as a full disk (or is interrupted)."""
+
+    def __init__(self, file, room, failure):
+        self.file, self.room, self.failure = file, room, failure
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        if len(data) > self.room:
+            self.file.write(data[: self.room])
+            raise self.failure
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.file.__exit__(*exc)
+
+
 needs_mlx = pytest.mark.skipif(not HAVE_MLX, reason="mlx and mlx-lm are not installed")
 needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch and transformers are not installed")
 

@@ -302,11 +302,9 @@ def corrupt(store):
     path.write_bytes(bytes(data))
 
 
-def foreign(store, checkpoint, tmp_path):
-    """The store as another model's: a copy of the checkpoint with other weights, its files renamed to it."""
+def other_weights(checkpoint, tmp_path) -> str:
+    """A copy of the checkpoint with other weights (its last 8 bytes zeroed)."""
     import shutil
-
-    from sagekv.generate import weights_fingerprint
 
     other = tmp_path / "other-model"
     shutil.copytree(checkpoint, other)
@@ -314,7 +312,15 @@ def foreign(store, checkpoint, tmp_path):
     data = bytearray(weights.read_bytes())
     data[-8:] = bytes(8)
     weights.write_bytes(bytes(data))
-    ours, theirs = weights_fingerprint(checkpoint), weights_fingerprint(str(other))
+    return str(other)
+
+
+def foreign(store, checkpoint, tmp_path):
+    """The store as another model's: a copy of the checkpoint with other weights, its files renamed to it."""
+    from sagekv.generate import weights_fingerprint
+
+    other = other_weights(checkpoint, tmp_path)
+    ours, theirs = weights_fingerprint(checkpoint), weights_fingerprint(other)
     for path in store.iterdir():
         path.rename(store / path.name.replace(ours, theirs))
     return str(other)
@@ -395,3 +401,85 @@ def test_rag_refuses_a_store_it_cannot_write(checkpoint, tmp_path, monkeypatch, 
     assert captured.err.strip().splitlines()[-1] == f"error: document store {store} is not writable: Permission denied"
     assert captured.err.count("error:") == 1 and "Traceback" not in captured.err
     assert captured.out == "" and list(store.iterdir()) == []
+
+
+# --- saved caches: one document, several questions ---------------------------------------------------------------
+
+DOCUMENT = "The key for door seven is 4821. The lamp is green. Mu nu xi omicron pi rho sigma tau. " * 3
+QUESTIONS = ["Question: what is the key for door seven?\nAnswer: ", "Question: what colour is the lamp?\nAnswer: "]
+
+
+def cache_args(checkpoint, *extra):
+    return ["run", "--model", checkpoint, "--device", "cpu", "--budget", "16", "--max-tokens", "8", *extra]
+
+
+@pytest.fixture(scope="module")
+def saved_document(checkpoint, tmp_path_factory):
+    """A document saved by `sagekv run --save-cache` on MLX, and that call's JSON."""
+    pytest.importorskip("mlx_lm")
+    root = tmp_path_factory.mktemp("saved")
+    document, path = write(root / "document.txt", DOCUMENT), root / "document.safetensors"
+    out = sagekv(*cache_args(checkpoint, "--backend", "mlx", "--prompt-file", str(document), "--save-cache", str(path),
+                             "--max-tokens", "0", "--json"))
+    assert out.returncode == 0, out.stderr
+    return path, json.loads(out.stdout)
+
+
+@needs_torch
+def test_questions_over_a_saved_document_answer_as_the_whole_prompts(checkpoint, saved_document):
+    path, record = saved_document
+    assert record["cache"] == {"saved": str(path)} and record["tokens"] == [] and record["prompt_tokens"] == 1 + len(DOCUMENT)
+    before = path.read_bytes(), path.stat().st_mtime_ns
+    whole = [json.loads(sagekv(*cache_args(checkpoint, "--backend", "torch", "--prompt", DOCUMENT + q, "--json")).stdout)
+             for q in QUESTIONS]
+    asked = json.loads(sagekv(*cache_args(checkpoint, "--backend", "torch", "--load-cache", str(path), "--prompt", QUESTIONS[0],
+                                          "--json")).stdout)
+    assert asked["tokens"] == whole[0]["tokens"] and asked["prompt_tokens"] == whole[0]["prompt_tokens"]
+    assert asked["kv"] == whole[0]["kv"] and asked["cache"] == {"loaded": str(path), "tokens": 1 + len(DOCUMENT)}
+    out = sagekv(*cache_args(checkpoint, "--backend", "torch", "--load-cache", str(path), "--prompt", QUESTIONS[1]))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == whole[1]["text"] + "\n"
+    assert f"| prompt {whole[1]['prompt_tokens']} tokens ({1 + len(DOCUMENT)} from {path}) |" in out.stderr
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before  # each question loads the document afresh
+
+
+@needs_torch
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("both flags", "give either --save-cache or --load-cache, not both"),
+        ("built-in example", "--save-cache and --load-cache need --prompt or --prompt-file"),
+        ("chat", "--chat cannot be used with --save-cache or --load-cache"),
+        ("save into a missing directory", "cannot write cache file"),
+        ("missing file", "cannot read cache file"),
+        ("truncated", "is damaged (the tensors take"),
+        ("another model", "was saved with another model"),
+        ("too long", "exceed the 4096 positions"),
+    ],
+)
+def test_cache_flags_bad_input_gives_one_line(case, message, checkpoint, saved_document, tmp_path):
+    import shutil
+
+    path = tmp_path / "document.safetensors"
+    shutil.copy(saved_document[0], path)
+    if case == "truncated":
+        os.truncate(path, path.stat().st_size - 3)
+    question = ["--prompt", QUESTIONS[0]]
+    load = cache_args(checkpoint, "--load-cache", str(path))
+    args = {
+        "both flags": load + question + ["--save-cache", str(tmp_path / "new.safetensors")],
+        "built-in example": load,
+        "chat": load + question + ["--chat"],
+        "save into a missing directory": cache_args(checkpoint, "--save-cache", str(tmp_path / "nope" / "x"), *question),
+        "missing file": cache_args(checkpoint, "--load-cache", str(tmp_path / "nope"), *question),
+        "truncated": load + question,
+        "another model": cache_args(other_weights(checkpoint, tmp_path), "--load-cache", str(path), *question),
+        "too long": load + ["--prompt", "word " * 800],
+    }[case]
+    out = sagekv(*args)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["document.safetensors"]  # nothing written
+

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import sagekv.store as store
+from conftest import DiskFills
 from sagekv.errors import SageKVError
 from sagekv.store import DocumentStore, MemoryStore, content_key
 
@@ -164,30 +165,6 @@ def test_put_of_a_stored_key_writes_nothing(any_store):
     if first.path:
         assert os.stat(first.path).st_mtime_ns == 10**18
     assert any_store.get(content_key([4])) is None
-
-
-class DiskFills:
-    """A file that takes ``room`` bytes, then fails as a full disk (or is interrupted)."""
-
-    def __init__(self, file, room, failure):
-        self.file, self.room, self.failure = file, room, failure
-
-    def write(self, data):
-        data = memoryview(data).cast("B")
-        if len(data) > self.room:
-            self.file.write(data[: self.room])
-            raise self.failure
-        self.room -= len(data)
-        return self.file.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return self.file.__exit__(*exc)
 
 
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
