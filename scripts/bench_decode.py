@@ -14,6 +14,7 @@ the kept length: what one would otherwise run.
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -240,9 +241,10 @@ def main():
             lines.append(line)
             print(line, flush=True)
     if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
-    json_path = args.json or (args.out.rsplit(".", 1)[0] + ".json" if args.out else None)
+    json_path = args.json or (os.path.splitext(args.out)[0] + ".json" if args.out else None)
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump({"args": vars(args), "device": bench.device, "dtype": model.dtype, "versions": bench.versions,
