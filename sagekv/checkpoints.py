@@ -16,6 +16,15 @@ FAMILIES = {
 }
 BYTE_VOCAB = 256
 BOS, EOS = "<s>", "</s>"
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# Llama shapes the benchmarks build with random weights on the device (see write_shape)
+SHAPES = {
+    "llama3-8b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
+                      rope_parameters=LLAMA3_ROPE, rope_theta=None, initializer_range=0.02),
+    "small": dict(num_hidden_layers=4, max_position_embeddings=65536),
+}
 
 
 def byte_tokenizer():
@@ -85,5 +94,13 @@ def make_tiny_checkpoint(path, family: str = "llama", seed: int = 0, dtype: str 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def write_shape(path, shape: str) -> str:
+    """A config-only folder of the Llama ``shape`` of :data:`SHAPES` (config and byte tokenizer, no weights):
+    ``sagekv.load(path, backend="torch", random_weights=True)`` builds it on the device. Returns the path."""
+    tiny_config("llama", **SHAPES[shape]).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return str(path)
