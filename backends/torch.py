@@ -13,6 +13,7 @@ import copy
 import contextvars
 import functools
 import inspect
+import os
 
 import torch
 from transformers import AttentionInterface
@@ -20,7 +21,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..cache import full_layer, kept_of
+from ..cache import CompactKV, full_layer, kept_of
 from ..dropin import OnePrompt
 from ..errors import SageKVError
 from ..generate import check_attention, check_model_type
@@ -138,6 +139,7 @@ class SageCache(Cache):
         super().__init__(layers=layers or [SageLayer(observed_queries) for _ in range(num_layers)])
         self.position = None  # the next token's position, on the device
         self.counted = None  # the length it was counted to
+        self.graph = None  # its decode step captured (StepGraph), once it decodes on a static cache
 
     def position_ids(self, count: int, device):
         """Positions [1, count] of the next tokens from a counter on the device, advanced in place:
@@ -148,6 +150,19 @@ class SageCache(Cache):
         self.position += count
         self.counted = self.get_seq_length() + count
         return positions[None]
+
+    @property
+    def static(self) -> bool:
+        """Whether a decode step is the same work on the same tensors every step: every layer decodes on a
+        fixed-size CompactKV (a full layer, Quest's pages and a SegmentKV grow)."""
+        return all(isinstance(layer.decoder, CompactKV) for layer in self.layers)
+
+    def count_step(self):
+        """What a decode step on a static cache counts on the host (each layer's length, the length the
+        position counter was counted to), for a step replayed from a graph, which runs none of its Python."""
+        for layer in self.layers:
+            layer.decoder.length += 1
+        self.counted = self.get_seq_length()
 
     @contextlib.contextmanager
     def active(self):
@@ -244,6 +259,77 @@ def cache_for(model, policy) -> PromptCache:
     return PromptCache(model.config.num_hidden_layers, policy)
 
 
+class CudaGraphs:
+    """How a decode step is captured on CUDA (:class:`StepGraph`). Explicit capture (torch.cuda.CUDAGraph)
+    rather than torch.compile(mode="reduce-overhead"): nothing is compiled (minutes for an 8B model), and a
+    cache of another size is one more capture rather than a recompile."""
+
+    @staticmethod
+    def warm(step):
+        """Run ``step`` eagerly on a side stream, as torch asks of the work before a capture (lazy
+        initialisation, such as cuBLAS workspaces and the kernels chosen for one-token shapes)."""
+        side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            logits = step()
+        main.wait_stream(side)
+        logits.record_stream(main)  # allocated on the side stream, read on this one
+        return logits
+
+    @staticmethod
+    def record(step):
+        """Capture ``step`` and run it once (capture only records): (replay, the logits it writes)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = step()
+        graph.replay()
+        return graph.replay, logits
+
+
+class StepGraph:
+    """One static cache's decode step, captured once and replayed (:meth:`Runner.forward`).
+
+    The first step runs eagerly (the warm-up), the second is captured, and every later one replays it:
+    the same kernels on the same tensors, the token copied into the input it was captured with. The ring
+    slot, the step and the position counter are on the device, advanced in place by those kernels; what
+    the Python step also counts on the host is advanced after each replay (:meth:`SageCache.count_step`).
+    """
+
+    def __init__(self, graphs):
+        self.graphs = graphs  # CudaGraphs, or a stand-in with its warm and record (tests on the CPU)
+        self.warmed = False
+        self.token = self.replay = self.logits = None
+
+    def __call__(self, step, token, cache):
+        if self.replay is not None:
+            self.token.copy_(token)
+            self.replay()
+            cache.count_step()
+            return self.logits
+        if not self.warmed:
+            self.warmed = True
+            return self.graphs.warm(lambda: step(token, cache))
+        self.token = token.clone()
+        self.replay, self.logits = self.graphs.record(lambda: step(self.token, cache))
+        return self.logits
+
+
+class Token:
+    """A token drawn on CUDA, its copy to pinned host memory queued right behind it: reading it waits for
+    that copy only, not for the steps queued after it, so the device keeps working while the host reads."""
+
+    def __init__(self, ids):
+        self.ids = ids  # [1] on the device
+        self.host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        self.host.copy_(ids, non_blocking=True)
+        self.ready = torch.cuda.Event()
+        self.ready.record()
+
+    def __int__(self):
+        self.ready.synchronize()
+        return int(self.host[0])
+
+
 class Draw:
     """One generation's draws: a generator on the model's device, seeded with the sampler's seed."""
 
@@ -292,12 +378,30 @@ class Runner:
         self.max_positions = getattr(config, "max_position_embeddings", None)
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # decode steps on a static cache replay a CUDA graph (SAGEKV_NO_GRAPH=1: eager, as on the CPU); RoPE
+        # whose frequencies depend on the length reads it on the host every step, which a graph cannot
+        rope = getattr(self.model.model.rotary_emb, "rope_type", "default")
+        captures = self.device.type == "cuda" and rope not in ("dynamic", "longrope") and os.environ.get("SAGEKV_NO_GRAPH") != "1"
+        self.graphs = CudaGraphs if captures else None
 
     def new_cache(self, observed_queries: int = 1):
         return SageCache(self.num_layers, observed_queries)
 
     @torch.inference_mode()
     def forward(self, ids, cache):
+        """See :class:`sagekv.backend.Runner`. A decode step (a token from :meth:`next_token`) on a static
+        cache runs as a captured graph where :attr:`graphs` is set (CUDA): its logits are then the graph's
+        output, which the next step overwrites."""
+        if isinstance(ids, Token):
+            ids = ids.ids
+        if isinstance(ids, torch.Tensor) and self.graphs is not None and cache.static:
+            if cache.graph is None:
+                cache.graph = StepGraph(self.graphs)
+            return cache.graph(self.step, ids, cache)
+        return self.step(ids, cache)
+
+    def step(self, ids, cache):
+        """One eager step: ids [1] on the device or a list of ids."""
         input_ids = ids.reshape(1, 1) if isinstance(ids, torch.Tensor) else torch.tensor([ids], device=self.device)
         with cache.active():
             out = self.model(
@@ -315,10 +419,11 @@ class Runner:
         return Draw(sampler, self.device)
 
     def next_token(self, logits, draw=None):
-        return torch.argmax(logits).reshape(1) if draw is None else draw(logits)
+        token = torch.argmax(logits).reshape(1) if draw is None else draw(logits)
+        return Token(token) if self.device.type == "cuda" else token
 
     def token_id(self, token) -> int:
-        return int(token.item())
+        return int(token) if isinstance(token, Token) else int(token.item())
 
     def logits_numpy(self, logits):
         return logits.float().cpu().numpy()
@@ -329,6 +434,7 @@ class Runner:
             raise SageKVError(f"attention of this {self.model_type} model was not routed through sagekv; its family is not supported")
         for index, layer in enumerate(cache.layers):
             layer.compress(policy, index)
+        cache.graph = None  # new decoders: a graph captured over the old ones must not replay
 
     def clone_cache(self, cache):
         """A copy of a cache: full layers only rebind their tensors, so sharing them is safe; decode
@@ -336,6 +442,7 @@ class Runner:
         twin = copy.copy(cache)
         twin.layers = [copy.copy(layer) for layer in cache.layers]
         twin.position = twin.counted = None  # the counter is advanced in place: the twin counts its own
+        twin.graph = None  # captured over this cache's tensors
         for layer in twin.layers:
             if layer.decoder is not None:
                 layer.decoder = layer.decoder.copy()
