@@ -122,3 +122,66 @@ def test_torch_cuda_rag_matches_cpu(tmp_path):
         a = gpu.rag(RAG_DOCUMENTS, RAG_QUESTION, method=method, max_tokens=8)
         b = cpu.rag(RAG_DOCUMENTS, RAG_QUESTION, method=method, max_tokens=8)
         assert a.tokens == b.tokens and a.rag.kept_tokens == b.rag.kept_tokens, method
+
+
+STATIC = ["sagekv_kv_follow", "sagekv", "snapkv", "streaming", "tova", "knorm", "random"]
+CLOSE = {"float32": 1e-4, "bfloat16": 2e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_cuda_graph_steps_match_eager(checkpoints, dtype):
+    """Every policy whose decode cache is static: the captured step gives eager's token at every step, past
+    two turns of the ring, with the same positions written, and a replayed step never waits for the device."""
+    torch = torch_cuda()
+    from sagekv.backends.torch import CudaGraphs
+    from sagekv.policies import make_policy
+
+    model = sagekv.load(checkpoints["llama"], backend="torch", device="cuda", dtype=dtype)
+    run = model.runner
+    assert run.graphs is CudaGraphs
+    for name in STATIC:
+        policy = make_policy(name, 32)
+        prefilled = model.prefill(model.encode(PROMPT), policy.observed_queries)
+        eager, captured = (model.select(prefilled, policy).cache for _ in range(2))
+        token = run.next_token(prefilled.logits)
+        for index in range(2 * captured.layers[0].decoder.ring_size + 3):
+            run.graphs = None
+            expected = run.forward(token, eager)
+            run.graphs = CudaGraphs
+            if index >= 2:  # replays: the warm-up and the capture wait for the device by design
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                got = run.forward(token, captured)
+                ahead = run.next_token(got)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            token = run.next_token(expected)
+            assert run.token_id(ahead) == run.token_id(token), (name, index)
+            torch.testing.assert_close(got.float(), expected.float(), rtol=CLOSE[dtype], atol=CLOSE[dtype])
+            assert captured.get_seq_length() == eager.get_seq_length() and captured.counted == eager.counted
+            assert torch.equal(captured.position, eager.position)
+            for a, b in zip(captured.layers, eager.layers):
+                assert torch.equal(a.decoder.step, b.decoder.step)
+                assert all(torch.equal(x, y) for x, y in zip(a.decoder.position_arrays, b.decoder.position_arrays))
+        assert captured.graph.replay is not None, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_cuda_graph_decode_gives_eager_tokens(checkpoints, dtype):
+    """generate's loop on captured steps (tokens read from pinned memory): eager's tokens, each streamed in order."""
+    torch_cuda()
+    from sagekv.backends.torch import CudaGraphs
+
+    model = sagekv.load(checkpoints["qwen2"], backend="torch", device="cuda", dtype=dtype)
+    run = model.runner
+    prefilled = model.prefill(model.encode(PROMPT))
+    streamed = {}
+    for graphs in (None, CudaGraphs):
+        run.graphs, seen = graphs, []
+        result = model.decode(prefilled, sagekv.make_policy("sagekv_kv_follow", 32), 48, on_token=lambda t: seen.append(list(t)))
+        streamed[graphs] = (result.tokens, seen)
+    assert streamed[CudaGraphs] == streamed[None]
+    tokens, seen = streamed[None]
+    assert seen == [tokens[: i + 1] for i in range(len(tokens))] and len(tokens) >= 8
