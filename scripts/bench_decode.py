@@ -2,11 +2,12 @@
 
 Builds a random model of a named shape (torch: directly on the device, no checkpoint written), prefills
 one random prompt per length, then for each policy and budget selects and decodes (medians of
-``--repeats`` after a warm-up) and prints one markdown table: KV kept, selection ms, decode tok/s, the
-floor = copy bandwidth / (weight bytes read per step + kept KV bytes) with the bandwidth measured in
-this run, x floor = floor / measured (1.0 is perfect), and the framework's own greedy decode
+``--repeats`` after a warm-up) and prints one markdown table: KV kept, selection ms, decode tok/s (from the
+STEADY_FROM-th token read to the last: the first steps warm up and capture), the floor = copy bandwidth /
+(weight bytes read per step + kept KV bytes) with the bandwidth measured in this run, x floor = floor / measured (1.0 is perfect), and the framework's own greedy decode
 (transformers with a DynamicCache under SDPA, or mlx-lm's generate_step) at the prompt length N and at
-the kept length: what one would otherwise run.
+the kept length: what one would otherwise run. On torch with CUDA each evicting policy but Quest decodes
+twice, with its step eager and captured as a CUDA graph (column "step").
 
     python scripts/bench_decode.py --shape llama3-8b --device cuda --dtype bfloat16 --lengths 32768,131072
 """
@@ -26,6 +27,8 @@ import sagekv
 from sagekv.checkpoints import SHAPES, make_tiny_checkpoint, write_shape
 
 WARMUP_STEPS = 2
+STEADY_FROM = 3  # tokens read before decode is steady: the first steps run eagerly, then one is captured
+GROWING = ("full", "quest")  # policies whose decode cache grows: their step stays eager
 PREFILL_CHUNK = 2048  # bounds prefill memory at long prompts, for both sagekv and the reference
 
 
@@ -142,6 +145,13 @@ class MlxBench:
         return None
 
 
+def steady_decode(model, prefilled, policy, tokens: int):
+    """Decode ``tokens`` tokens: (stats, tokens/s between the STEADY_FROM-th token read and the last)."""
+    read = []
+    stats = model.decode(prefilled, policy, tokens, on_token=lambda t: read.append(time.perf_counter())).stats
+    return stats, (len(read) - 1 - STEADY_FROM) / (read[-1] - read[STEADY_FROM])
+
+
 def timed(f, *args) -> float:
     start = time.perf_counter()
     f(*args)
@@ -189,11 +199,14 @@ def main():
     parser.add_argument("--out", default=None, help="also write the table to this file")
     parser.add_argument("--json", default=None, help="rows as JSON (default: --out with .json)")
     args = parser.parse_args()
+    if args.decode_tokens < STEADY_FROM + 2:
+        parser.error(f"--decode-tokens must be at least {STEADY_FROM + 2}")
 
     with tempfile.TemporaryDirectory() as path:
         model = load(args, path)
     model.runner.eos_ids = set()  # a fixed decode length
     bench = (TorchBench if args.backend == "torch" else MlxBench)(model.runner)
+    graphs = getattr(model.runner, "graphs", None)  # torch on CUDA: how decode steps are captured
     copy_mib = args.copy_mib or (2048 if getattr(bench, "cuda", False) else 256)
     bandwidth = bench.copy_bandwidth(copy_mib << 20)
     config = model.runner.config
@@ -203,9 +216,9 @@ def main():
         f"{config['num_key_value_heads']} KV heads, {bench.weight_bytes / 2**30:.3g} GiB of weights read per step), "
         f"{model.dtype} on {bench.device}; {bench.versions}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (bytes read + "
         f"written by a {copy_mib} MiB copy); {args.decode_tokens} decoded tokens, median of {args.repeats}",
-        f"| N | policy | budget | kept positions | KV kept MiB | select ms | decode tok/s | floor tok/s | x floor | "
+        f"| N | policy | budget | step | kept positions | KV kept MiB | select ms | decode tok/s | floor tok/s | x floor | "
         f"{reference} tok/s at N | at kept | x {reference} at N | x at kept |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     rows = []
@@ -218,24 +231,32 @@ def main():
         prefilled = model.prefill(ids, max(p.observed_queries for _, _, p in policies), PREFILL_CHUNK)
         measured, _ = [], bench.peak_bytes()  # each policy's peak from here: prefilled cache included
         for name, budget, policy in policies:
-            runs = [model.decode(prefilled, policy, args.decode_tokens).stats for _ in range(args.repeats + 1)][1:]
-            measured.append((name, budget, runs, bench.peak_bytes()))
+            for step in ["eager", "graph"] if graphs is not None and name not in GROWING else ["eager"]:
+                if graphs is not None:
+                    model.runner.graphs = graphs if step == "graph" else None
+                runs = [steady_decode(model, prefilled, policy, args.decode_tokens) for _ in range(args.repeats + 1)][1:]
+                measured.append((name, budget, step, runs, bench.peak_bytes()))
+        if graphs is not None:
+            model.runner.graphs = graphs
         per_position = prefilled.full_kv_bytes / n
         del prefilled
         bench.free()
-        for name, budget, runs, peak in measured:
-            kept_bytes = runs[0].kept_kv_bytes
+        for name, budget, step, runs, peak in measured:
+            stats = [s for s, _ in runs]
+            kept_bytes = stats[0].kept_kv_bytes
             kept = round(kept_bytes / per_position)  # positions of a full cache holding as many bytes
             if kept not in at_length:
                 at_length[kept] = bench.reference(ids[:kept], args.decode_tokens, args.repeats)
-            tok_s = statistics.median(s.decode_tokens_per_s for s in runs)
+            tok_s = statistics.median(steady for _, steady in runs)
             floor = bandwidth / (bench.weight_bytes + kept_bytes)
-            row = {"n": n, "policy": name, "budget": budget, "kept_positions": kept, "kept_kv_bytes": kept_bytes,
-                   "full_kv_bytes": runs[0].full_kv_bytes, "select_ms": statistics.median(s.select_s for s in runs) * 1e3,
-                   "decode_tok_s": tok_s, "floor_tok_s": floor, "x_floor": floor / tok_s,
+            row = {"n": n, "policy": name, "budget": budget, "step": step, "kept_positions": kept,
+                   "kept_kv_bytes": kept_bytes, "full_kv_bytes": stats[0].full_kv_bytes,
+                   "select_ms": statistics.median(s.select_s for s in stats) * 1e3, "decode_tok_s": tok_s,
+                   "decode_tok_s_whole": statistics.median(s.decode_tokens_per_s for s in stats),  # first steps included
+                   "floor_tok_s": floor, "x_floor": floor / tok_s,
                    "reference_tok_s_at_n": at_length[n], "reference_tok_s_at_kept": at_length[kept], "peak_bytes": peak}
             rows.append(row)
-            line = (f"| {n} | {name} | {budget or '-'} | {kept} | {kept_bytes / 2**20:.1f} | {row['select_ms']:.2f} | "
+            line = (f"| {n} | {name} | {budget or '-'} | {step} | {kept} | {kept_bytes / 2**20:.1f} | {row['select_ms']:.2f} | "
                     f"{tok_s:.1f} | {floor:.1f} | {floor / tok_s:.2f} | {at_length[n]:.1f} | {at_length[kept]:.1f} | "
                     f"{tok_s / at_length[n]:.2f} | {tok_s / at_length[kept]:.2f} |")
             lines.append(line)

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import needs_mlx, needs_torch, run_script
 
-POSITIVE = ["kept_positions", "kept_kv_bytes", "full_kv_bytes", "decode_tok_s", "floor_tok_s", "x_floor",
+POSITIVE = ["kept_positions", "kept_kv_bytes", "full_kv_bytes", "decode_tok_s", "decode_tok_s_whole", "floor_tok_s", "x_floor",
             "reference_tok_s_at_n", "reference_tok_s_at_kept"]
 
 
@@ -14,14 +14,14 @@ POSITIVE = ["kept_positions", "kept_kv_bytes", "full_kv_bytes", "decode_tok_s", 
 def test_table_and_json(backend, tmp_path):
     table = tmp_path / "decode.md"
     done = run_script("bench_decode.py", "--backend", backend, "--device", "cpu", "--shape", "small", "--lengths", "256",
-                      "--budgets", "32", "--decode-tokens", "4", "--repeats", "1", "--out", str(table))
+                      "--budgets", "32", "--decode-tokens", "6", "--repeats", "1", "--out", str(table))
     assert done.returncode == 0, done.stderr
-    assert "| 256 | sagekv_kv_follow | 32 | " in done.stdout and "copy bandwidth" in done.stdout
+    assert "| 256 | sagekv_kv_follow | 32 | eager | " in done.stdout and "copy bandwidth" in done.stdout
     assert table.read_text() in done.stdout
     report = json.loads((tmp_path / "decode.json").read_text())
     assert report["device"].startswith("cpu") and report["copy_bandwidth_bytes_per_s"] > 0
-    assert [(r["policy"], r["budget"]) for r in report["rows"]] == [
-        ("full", None), ("sagekv_kv_follow", 32), ("sagekv", 32), ("streaming", 32)]
+    assert [(r["policy"], r["budget"], r["step"]) for r in report["rows"]] == [  # no graphs on the CPU
+        ("full", None, "eager"), ("sagekv_kv_follow", 32, "eager"), ("sagekv", 32, "eager"), ("streaming", 32, "eager")]
     for row in report["rows"]:
         assert all(row[key] > 0 for key in POSITIVE), row
         assert row["select_ms"] >= 0 and row["n"] == 256
