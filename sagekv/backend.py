@@ -43,8 +43,9 @@ class Runner(Protocol):
         :class:`sagekv.Sampler`): the same seed draws the same tokens."""
 
     def next_token(self, logits, draw=None):
-        """The next token's id as a device array, computing without waiting for it: the highest logit,
-        or drawn by ``draw`` (from :meth:`new_draw`) from the sampler's filtered distribution."""
+        """The next token's id on the device (an array, or on torch with CUDA a handle that also copies it to
+        the host behind it), computing without waiting for it: the highest logit, or drawn by ``draw`` (from
+        :meth:`new_draw`) from the sampler's filtered distribution."""
 
     def token_id(self, token) -> int:
         """A token from :meth:`next_token` on the host (waits for it)."""
