@@ -17,7 +17,7 @@ from .sampling import check_sampler
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "float16", "bfloat16")
-PREFILL_CHUNK = 2048
+PREFILL_CHUNK = 2048  # tokens per model call of the full-cache prefill
 REFERENCE_MODEL = os.path.join(os.path.dirname(__file__), "reference_model")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".npz", ".pt")
 FINGERPRINT_BYTES = 1 << 20
@@ -25,7 +25,12 @@ FINGERPRINT_BYTES = 1 << 20
 
 @dataclass
 class Stats:
-    """Cache bytes at the end of prefill (full) and after selection (kept), and timings."""
+    """Cache bytes at the end of prefill (full) and after selection (kept), and timings.
+
+    After a layer-wise prefill (generation with an evicting policy) the full cache never existed:
+    ``full_kv_bytes`` is what it would have held, and selection ran inside prefill, layer by layer, so
+    its time is part of ``prefill_s`` and ``select_s`` is zero but for a device sync.
+    """
 
     full_kv_bytes: int
     kept_kv_bytes: int
@@ -222,9 +227,14 @@ class SageModel:
     def decode_text(self, ids: list) -> str:
         return self.runner.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def generate(self, prompt: str, policy=None, max_tokens: int = 64, prefill_chunk: int = PREFILL_CHUNK,
+    def generate(self, prompt: str, policy=None, max_tokens: int = 64, prefill_chunk: Optional[int] = None,
                  chat: bool = False, on_token=None, sampler=None) -> Result:
         """Generation of up to ``max_tokens`` tokens (stops early at end-of-sequence).
+
+        A policy that evicts prefills layer-wise (:mod:`sagekv.layerwise`): each layer keeps only its
+        decode cache from the moment it is computed, so the full cache never exists. ``prefill_chunk``:
+        tokens per call of a layer there (default: from the model's shape and the free memory), per call
+        of the model otherwise (default PREFILL_CHUNK).
 
         ``chat``: wrap the prompt in the model's chat template as one user turn. ``on_token``: called
         with the tokens generated so far after each new one (streaming); returning True stops.
@@ -239,15 +249,28 @@ class SageModel:
             raise SageKVError("the prompt is empty")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
             raise SageKVError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
-        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise SageKVError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
         return self.generate_ids(self.encode(prompt, chat), policy, max_tokens, prefill_chunk, on_token, sampler)
 
-    def generate_ids(self, ids: list, policy, max_tokens: int, prefill_chunk: int = PREFILL_CHUNK, on_token=None,
+    def generate_ids(self, ids: list, policy, max_tokens: int, prefill_chunk: Optional[int] = None, on_token=None,
                      sampler=None) -> Result:
         self.check_length(len(ids) + max_tokens)
-        prefilled = self.prefill(ids, policy.observed_queries, prefill_chunk)
+        if policy.evicts:
+            prefilled = self.prefill_layerwise(ids, policy, prefill_chunk)
+        else:
+            prefilled = self.prefill(ids, policy.observed_queries, prefill_chunk or PREFILL_CHUNK)
         return self.decode(prefilled, policy, max_tokens, keep_prefill=False, on_token=on_token, sampler=sampler)
+
+    def prefill_layerwise(self, ids: list, policy, prefill_chunk: Optional[int] = None) -> "Prefilled":
+        """Layer-wise prefill (:func:`sagekv.layerwise.prefill`): its cache is already ``policy``'s,
+        so only ``policy`` decodes from it."""
+        from .layerwise import prefill
+
+        start = time.perf_counter()
+        cache, logits, full_bytes = prefill(self.runner, ids, policy, prefill_chunk)
+        self.runner.sync()
+        return Prefilled(cache, logits, len(ids), full_bytes, time.perf_counter() - start, policy.observed_queries, policy)
 
     def prefill(self, ids: list, observed_queries: int = 1, prefill_chunk: int = PREFILL_CHUNK) -> "Prefilled":
         """Full-attention prefill; the result can be decoded under several policies."""
@@ -273,11 +296,16 @@ class SageModel:
         sampler = check_sampler(sampler)
         draw = None if sampler.greedy else run.new_draw(sampler.seeded())
         check_observed(prefilled, policy)
+        if prefilled.selected_by is not None and (prefilled.selected_by != policy or keep_prefill):
+            # its decode caches are the policy's and decoding writes into them: one decode, that policy's
+            raise SageKVError(f"a layer-wise prefill for {prefilled.selected_by!r} decodes once, under that policy "
+                              f"(keep_prefill=False)")
         cache = run.clone_cache(prefilled.cache) if keep_prefill else prefilled.cache
         if not keep_prefill:
             prefilled.cache = None
         start = time.perf_counter()
-        run.compress(cache, policy)
+        if prefilled.selected_by is None:  # a layer-wise prefill selected each layer as it went
+            run.compress(cache, policy)
         run.sync()
         select_s = time.perf_counter() - start
         kept_bytes = run.kv_bytes(cache)
@@ -330,3 +358,5 @@ class Prefilled:
     observed_queries: Optional[int] = None
     """Prompt queries each layer kept for selection; None for a cache whose layers check it
     themselves (assembled from stored documents, :mod:`sagekv.rag`)."""
+    selected_by: Optional[object] = None
+    """The policy whose decode caches a layer-wise prefill left (the only one that can decode them), or None."""
