@@ -13,23 +13,13 @@ full recompute, and peak device memory above what was allocated before the answe
 import argparse
 import json
 import statistics
-import tempfile
 
 import numpy as np
 
-import sagekv
 from sagekv import rag
-from sagekv.checkpoints import byte_tokenizer, tiny_config
 from sagekv.store import MemoryStore
+from shapes import SHAPES, random_model
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-SHAPES = {
-    "llama3-8b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                      num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
-                      rope_parameters=LLAMA3_ROPE, rope_theta=None, initializer_range=0.02),
-    "tiny": dict(num_hidden_layers=4, max_position_embeddings=65536),
-}
 METHODS = ["full_recompute", "reuse", "epic", "cacheblend", "samkv"]
 # Random weights score every block alike, so SamKV's data-dependent ratio keeps nearly everything; the
 # benchmark caps it at the share the paper reports (15%) so its cost is that of a realistic selection.
@@ -63,10 +53,7 @@ def main():
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as path:
-        tiny_config("llama", **SHAPES[args.shape]).save_pretrained(path)
-        byte_tokenizer().save_pretrained(path)
-        model = sagekv.load(path, backend="torch", device=args.device, dtype=args.dtype, random_weights=True)
+    model = random_model(args.shape, args.device, args.dtype)
     model.runner.eos_ids = set()
     rng = np.random.default_rng(0)
     documents = [rng.integers(0, 256, args.doc_tokens).tolist() for _ in range(args.docs)]
