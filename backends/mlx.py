@@ -22,6 +22,7 @@ from ..cache import full_layer, kept_of
 from ..dropin import OnePrompt
 from ..errors import SageKVError
 from ..generate import check_attention, check_model_type, legacy_rope_fields
+from ..layerwise import host_available_bytes
 from ..ops import Ops
 from ..sampling import filtered_logits
 from ..selection import last_queries
@@ -280,7 +281,7 @@ class Runner:
     def sync(self):
         mx.synchronize()
 
-    # A cache taken apart into layers and put back together (sagekv.rag, sagekv.saved_cache)
+    # A cache taken apart into layers and put back together (sagekv.rag, sagekv.saved_cache, sagekv.layerwise)
 
     ops = MlxOps
 
@@ -308,7 +309,11 @@ class Runner:
         out = mx.array(array)
         return out.view(mx.bfloat16) if tag == "BF16" else out
 
-    # Layer by layer, for caches assembled from stored documents (sagekv.rag)
+    # Layer by layer (sagekv.layerwise): the layer-wise prefill and caches assembled from stored documents (sagekv.rag)
+
+    @property
+    def fused_causal(self) -> bool:
+        return mx.default_device() == mx.gpu  # the CPU's attention materialises the scores
 
     def inference(self):
         return contextlib.nullcontext()
@@ -316,6 +321,18 @@ class Runner:
     def empty_kv(self):
         dtype = self.model.model.embed_tokens.weight.dtype
         return mx.zeros((1, self.kv_heads, 0, self.head_dim), dtype=dtype)
+
+    def set_decoder(self, cache, index: int, decoder):
+        cache[index].decoder, cache[index].offset = decoder, decoder.length
+
+    def evaluate(self, arrays):
+        mx.eval(arrays)
+
+    def free_bytes(self) -> int:
+        if mx.default_device() != mx.gpu:
+            return host_available_bytes()
+        info = mx.device_info()  # unified memory: what Metal recommends a process keeps resident
+        return int(info.get("max_recommended_working_set_size", info["memory_size"])) - mx.get_active_memory()
 
     def embed(self, ids):
         return self.model.model.embed_tokens(mx.array(ids)[None])

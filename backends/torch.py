@@ -25,6 +25,7 @@ from ..cache import CompactKV, full_layer, kept_of
 from ..dropin import OnePrompt
 from ..errors import SageKVError
 from ..generate import check_attention, check_model_type
+from ..layerwise import host_available_bytes
 from ..ops import Ops
 from ..sampling import filtered_logits
 from ..selection import last_queries
@@ -458,9 +459,10 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # A cache taken apart into layers and put back together (sagekv.rag, sagekv.saved_cache)
+    # A cache taken apart into layers and put back together (sagekv.rag, sagekv.saved_cache, sagekv.layerwise)
 
     ops = TorchOps
+    fused_causal = True  # SDPA's causal kernels (flash, on CUDA and on the CPU) never hold the [heads, rows, rows] scores
 
     def wrap(self, layers, observed_queries: int = 1):
         """A cache of ``layers``: each a decode cache, or a full layer's arrays (sagekv.cache.full_layer)."""
@@ -490,7 +492,7 @@ class Runner:
             tensor = tensor.view(torch.bfloat16)
         return tensor.to(self.device)
 
-    # Layer by layer, for caches assembled from stored documents (sagekv.rag)
+    # Layer by layer (sagekv.layerwise): the layer-wise prefill and caches assembled from stored documents (sagekv.rag)
 
     def inference(self):
         return torch.inference_mode()
@@ -498,13 +500,25 @@ class Runner:
     def empty_kv(self):
         return torch.zeros(1, self.kv_heads, 0, self.head_dim, dtype=self.model.dtype, device=self.device)
 
+    def set_decoder(self, cache, index: int, decoder):
+        cache.layers[index].decoder = decoder
+
+    def evaluate(self, arrays):
+        """Nothing to do: torch queues work as it is called."""
+
+    def free_bytes(self) -> int:
+        if self.device.type != "cuda":
+            return host_available_bytes()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # torch's cached blocks are free to it
+
     @torch.inference_mode()
     def embed(self, ids):
         return self.model.model.embed_tokens(torch.tensor([ids], device=self.device))
 
     @torch.inference_mode()
     def layer(self, index: int, hidden, positions, cache):
-        position_ids = torch.from_numpy(positions).to(self.device)[None]
+        position_ids = TorchOps.asarray(positions, like=hidden)[None]  # queued behind the device's work
         rotary = self.model.model.rotary_emb(hidden, position_ids)
         with cache.active():
             out = self.model.model.layers[index](hidden, attention_mask=None, position_ids=position_ids,

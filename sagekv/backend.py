@@ -67,3 +67,43 @@ class Runner(Protocol):
 
     def sync(self) -> None:
         """Wait until the device has finished queued work (for timings)."""
+
+    # Layer by layer (sagekv.layerwise): the layer-wise prefill and caches assembled from stored documents
+
+    ops: type
+    """The :class:`sagekv.ops.Ops` of the backend's arrays."""
+    kv_heads: int
+    head_dim: int
+    fused_causal: bool
+    """Whether attention under the plain causal mask runs without materialising its scores."""
+
+    def inference(self):
+        """A context in which layers run without autograd bookkeeping."""
+
+    def empty_kv(self):
+        """Keys with no rows [1, Hkv, 0, D] in the model's dtype and device."""
+
+    def wrap(self, layers, observed_queries: int = 1):
+        """A cache whose layer ``i`` is ``layers[i]``: a decode cache it reads and writes, or a full layer's
+        arrays (:func:`sagekv.cache.full_layer`)."""
+
+    def unwrap(self, cache) -> list:
+        """Per layer: its decode cache, or while it keeps everything its arrays (:func:`sagekv.cache.full_layer`)."""
+
+    def set_decoder(self, cache, index: int, decoder) -> None:
+        """Layer ``index`` of a cache from :meth:`wrap` uses ``decoder`` from now on (releasing the one it held)."""
+
+    def embed(self, ids: list):
+        """The tokens' embeddings [1, L, hidden]."""
+
+    def layer(self, index: int, hidden, positions, cache):
+        """Hidden states [1, L, hidden] of tokens at ``positions`` (numpy) through layer ``index``."""
+
+    def head(self, hidden, cache):
+        """The logits of the last of the final hidden states [1, L, hidden]."""
+
+    def evaluate(self, arrays) -> None:
+        """Compute lazily built arrays now (MLX), so that one layer's work does not wait for the next."""
+
+    def free_bytes(self) -> int:
+        """Memory the device can still allocate."""

@@ -372,14 +372,19 @@ class SegmentKV(DecodeCache):
         self.length = int(self.positions[-1]) + 1 if self.size else 0  # the next token's position
         self.rows = self.row_positions = self.theta = None
         self.track = False
+        self.room = 0  # rows planned (see empty)
         self.deviation = None  # per written row that was held: squared change of its key
         self.queries = None  # the last written rows' queries [Hq, L, D]
         self.written = self.written_index = None  # the last written rows, on the host and on the device
 
     @classmethod
-    def empty(cls, ops, like):
-        """A cache holding nothing yet, in ``like``'s dtype and device ([1, Hkv, 0, D])."""
-        return cls(ops, like, like, np.zeros(0, np.int64))
+    def empty(cls, ops, like, room: int = 0):
+        """A cache holding nothing yet, in ``like``'s dtype and device ([1, Hkv, 0, D]), that will
+        hold ``room`` rows: written in several parts, they go in place into one buffer allocated at
+        the first; written at once, they are adopted as they come."""
+        segment = cls(ops, like, like, np.zeros(0, np.int64))
+        segment.room = room
+        return segment
 
     def begin(self, rows, positions, theta: Optional[float] = None, track: bool = False):
         self.rows, self.row_positions, self.theta, self.track = rows, positions, theta, track
@@ -396,8 +401,17 @@ class SegmentKV(DecodeCache):
         held = int(np.searchsorted(rows, self.size))  # rows[:held] exist, rows[held:] are appended
         if held < count and not np.array_equal(rows[held:], np.arange(self.size, self.size + count - held)):
             raise SageKVError("appended rows must follow the cache's end")
-        while self.size + count - held > self.keys.shape[2]:
-            self.keys, self.values = self.grown(self.keys, self.growth), self.grown(self.values, self.growth)
+        needed = self.size + count - held
+        if needed > self.keys.shape[2] and self.size == 0 and count >= self.room:
+            # a first write of every row planned (one pass over the whole prompt): its arrays become
+            # the buffers, with no copy and no second full-size buffer
+            self.keys, self.values = key, value
+            self.written, self.written_index, self.size = rows, None, count
+            self.positions, self.length = np.asarray(positions, np.int64), int(positions[-1]) + 1
+            return
+        if needed > self.keys.shape[2]:  # one reallocation, to the planned room or past what arrives
+            extra = max(needed, self.room, self.keys.shape[2] + self.growth) - self.keys.shape[2]
+            self.keys, self.values = self.grown(self.keys, extra), self.grown(self.values, extra)
         index = ops.asarray(rows, like=self.keys)
         if held:
             old_k, old_v = self.keys[:, :, index[:held]], self.values[:, :, index[:held]]
@@ -432,7 +446,7 @@ class SegmentKV(DecodeCache):
 
     def decode_cache(self, policy, layer: int):
         """The cache to decode on: this one, or the policy's compact cache over its entries."""
-        window = policy.observed_queries
+        window = min(policy.observed_queries, self.size)  # a prompt shorter than the window: every query
         if window > self.queries.shape[1]:
             raise SageKVError(f"{policy.name} observes {window} queries; the question has {self.queries.shape[1]} tokens")
         compact = policy.decode_cache(self.ops, self.queries[:, -window:], self.keys[:, :, : self.size],
@@ -443,6 +457,8 @@ class SegmentKV(DecodeCache):
         return compact
 
     def kept_from(self, positions: list):
+        if np.array_equal(self.positions, np.arange(self.length)):
+            return None  # every position of the prompt: nothing evicted
         return self.positions[None]  # held on the host
 
     @property

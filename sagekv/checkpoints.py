@@ -18,12 +18,17 @@ BYTE_VOCAB = 256
 BOS, EOS = "<s>", "</s>"
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-# Llama shapes the benchmarks build with random weights on the device (see write_shape)
+# Llama shapes the benchmarks build with random weights (see random_model)
 SHAPES = {
     "llama3-8b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                       num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
                       rope_parameters=LLAMA3_ROPE, rope_theta=None, initializer_range=0.02),
-    "small": dict(num_hidden_layers=4, max_position_embeddings=65536),
+    "small": dict(num_hidden_layers=8, hidden_size=256, intermediate_size=768, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=32, max_position_embeddings=65536),
+    # a cache far larger than the weights: many layers and KV heads over a narrow residual stream
+    "cache-heavy": dict(num_hidden_layers=16, hidden_size=64, intermediate_size=128, num_attention_heads=8,
+                        num_key_value_heads=8, head_dim=64, max_position_embeddings=65536),
+    "tiny": dict(num_hidden_layers=4, max_position_embeddings=65536),
 }
 
 
@@ -98,9 +103,19 @@ def make_tiny_checkpoint(path, family: str = "llama", seed: int = 0, dtype: str 
     return str(path)
 
 
-def write_shape(path, shape: str) -> str:
-    """A config-only folder of the Llama ``shape`` of :data:`SHAPES` (config and byte tokenizer, no weights):
-    ``sagekv.load(path, backend="torch", random_weights=True)`` builds it on the device. Returns the path."""
-    tiny_config("llama", **SHAPES[shape]).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return str(path)
+def random_model(shape: str, device=None, dtype=None, backend: str = "torch"):
+    """A Llama model of ``shape`` (:data:`SHAPES`) with random weights: built on the device from a
+    config-only folder (torch: no weights file written), or saved once and loaded (MLX, whose runner
+    loads checkpoints only)."""
+    import os
+    import tempfile
+
+    import sagekv
+
+    with tempfile.TemporaryDirectory() as path:
+        if backend == "torch":
+            tiny_config("llama", **SHAPES[shape]).save_pretrained(path)
+            byte_tokenizer().save_pretrained(path)
+            return sagekv.load(path, backend="torch", device=device, dtype=dtype, random_weights=True)
+        folder = make_tiny_checkpoint(os.path.join(path, shape), "llama", dtype=dtype or "float32", **SHAPES[shape])
+        return sagekv.load(folder, backend="mlx", device=device, dtype=dtype)

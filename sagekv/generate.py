@@ -17,7 +17,7 @@ from .sampling import check_sampler
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "float16", "bfloat16")
-PREFILL_CHUNK = 2048
+PREFILL_CHUNK = 2048  # tokens per model call of the full-cache prefill
 REFERENCE_MODEL = os.path.join(os.path.dirname(__file__), "reference_model")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".npz", ".pt")
 FINGERPRINT_BYTES = 1 << 20
@@ -25,7 +25,12 @@ FINGERPRINT_BYTES = 1 << 20
 
 @dataclass
 class Stats:
-    """Cache bytes at the end of prefill (full) and after selection (kept), and timings."""
+    """Cache bytes at the end of prefill (full) and after selection (kept), and timings.
+
+    After a layer-wise prefill (generation with an evicting policy) the full cache never existed:
+    ``full_kv_bytes`` is what it would have held, and selection ran inside prefill, layer by layer, so
+    its time is part of ``prefill_s`` and ``select_s`` is zero but for a device sync.
+    """
 
     full_kv_bytes: int
     kept_kv_bytes: int
@@ -235,9 +240,14 @@ class SageModel:
     def decode_text(self, ids: list) -> str:
         return self.runner.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def generate(self, prompt: str, policy=None, max_tokens: int = 64, prefill_chunk: int = PREFILL_CHUNK,
+    def generate(self, prompt: str, policy=None, max_tokens: int = 64, prefill_chunk: Optional[int] = None,
                  chat: bool = False, on_token=None, sampler=None) -> Result:
         """Generation of up to ``max_tokens`` tokens (stops early at end-of-sequence).
+
+        A policy that evicts prefills layer-wise (:mod:`sagekv.layerwise`): each layer keeps only its
+        decode cache from the moment it is computed, so the full cache never exists. ``prefill_chunk``:
+        tokens per call of a layer there (default: from the model's shape and the free memory), per call
+        of the model otherwise (default PREFILL_CHUNK).
 
         ``chat``: wrap the prompt in the model's chat template as one user turn. ``on_token``: called
         with the tokens generated so far after each new one (streaming); returning True stops.
@@ -252,15 +262,30 @@ class SageModel:
             raise SageKVError("the prompt is empty")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
             raise SageKVError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
-        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise SageKVError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
         return self.generate_ids(self.encode(prompt, chat), policy, max_tokens, prefill_chunk, on_token, sampler)
 
-    def generate_ids(self, ids: list, policy, max_tokens: int, prefill_chunk: int = PREFILL_CHUNK, on_token=None,
+    def generate_ids(self, ids: list, policy, max_tokens: int, prefill_chunk: Optional[int] = None, on_token=None,
                      sampler=None) -> Result:
         self.check_length(len(ids) + max_tokens)
-        prefilled = self.prefill(ids, policy.observed_queries, prefill_chunk)
-        return self.decode(prefilled, policy, max_tokens, keep_prefill=False, on_token=on_token, sampler=sampler)
+        if policy.evicts:
+            prefilled = self.prefill_layerwise(ids, policy, prefill_chunk)
+        else:
+            prefilled = self.prefill(ids, policy.observed_queries, prefill_chunk or PREFILL_CHUNK)
+        return self.decode(prefilled, None if policy.evicts else policy, max_tokens, keep_prefill=False,
+                           on_token=on_token, sampler=sampler)
+
+    def prefill_layerwise(self, ids: list, policy, prefill_chunk: Optional[int] = None) -> "Prefilled":
+        """Layer-wise prefill (:func:`sagekv.layerwise.prefill`): each layer's cache is already ``policy``'s,
+        as after :meth:`select` (it decodes with ``decode(prefilled, None, ...)``)."""
+        from .layerwise import prefill
+
+        start = time.perf_counter()
+        cache, logits, full_bytes = prefill(self.runner, ids, policy, prefill_chunk)
+        self.runner.sync()
+        return Prefilled(cache, logits, len(ids), full_bytes, time.perf_counter() - start, policy.observed_queries,
+                         list(ids), selected_by=repr(policy))
 
     def prefill(self, ids: list, observed_queries: int = 1, prefill_chunk: int = PREFILL_CHUNK) -> "Prefilled":
         """Full-attention prefill; the result can be decoded under several policies, have more tokens

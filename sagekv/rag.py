@@ -15,7 +15,7 @@ concatenated prompt), prefills the question, and decodes (greedily unless given 
 
 Time to first token counts from the question's arrival: stored document prefills are excluded,
 loading the stored rows a method needs is included. A pass computes chosen rows of the compact
-sequence layer by layer (:func:`run_pass`); each layer's :class:`SegmentKV` holds the cache being
+sequence layer by layer (:func:`sagekv.layerwise.run_pass`); each layer's :class:`SegmentKV` holds the cache being
 repaired, writes the fresh rows (overwritten or fused) and masks attention by compact index.
 """
 
@@ -29,6 +29,7 @@ import numpy as np
 
 from .cache import SegmentKV
 from .errors import SageKVError
+from .layerwise import run_pass
 from .ops import NumpyOps
 from .policies.base import carry_forward, check_int
 from .store import MemoryStore, content_key
@@ -74,19 +75,15 @@ def prefill_document(model, ids: list, start: int = 0) -> dict:
 
 
 def fresh_prefill(run, ids: list, start: int = 0, chunk: Optional[int] = None):
-    """An ordinary causal prefill of ``ids`` at positions start.., ``chunk`` rows per pass (default:
-    one pass, the fastest causal kernel): the cache, its layers, the last logits and, per layer, the
-    queries of the last QUERY_TAIL tokens."""
-    segments = [SegmentKV.empty(run.ops, run.empty_kv()) for _ in range(run.num_layers)]
+    """An ordinary causal prefill of ``ids`` at positions start.., layer by layer, ``chunk`` rows per
+    call of a layer (default all: the fastest causal kernel): the cache, its layers, the last logits
+    and, per layer, the queries of the last QUERY_TAIL tokens."""
+    chunk = chunk and max(chunk, QUERY_TAIL)  # the last part holds the tail's queries
+    segments = [SegmentKV.empty(run.ops, run.empty_kv(), room=len(ids)) for _ in range(run.num_layers)]
     cache = run.wrap(segments)
-    tails = [None] * len(segments)
-    chunk = chunk or len(ids)
-    for first in range(0, len(ids), chunk):
-        rows = np.arange(first, min(first + chunk, len(ids)))
-        logits = run_pass(run, cache, segments, [ids[r] for r in rows], rows + start, rows)
-        tails = [s.queries if t is None else run.ops.concat([t, s.queries], axis=1) for t, s in zip(tails, segments)]
-        tails = [t[:, -QUERY_TAIL:] for t in tails]
-    return cache, segments, logits, tails
+    rows = np.arange(len(ids))
+    logits = run_pass(run, cache, segments, ids, rows + start, rows, chunk=chunk)
+    return cache, segments, logits, [s.queries[:, -QUERY_TAIL:] for s in segments]
 
 
 def stored_pieces(model, store, pieces_ids: list) -> list:
@@ -104,24 +101,7 @@ def stored_piece(model, store, ids: list, start: int) -> Piece:
 
 
 # ---------------------------------------------------------------------------------------------
-# The layer-by-layer pass every method uses
-
-
-def run_pass(run, cache, segments, ids: list, positions, rows, schedule=None, theta=None, track=()):
-    """Compute ``rows`` (compact indices, ascending; tokens ``ids`` at global ``positions``) layer
-    by layer and return the last row's logits. ``schedule(layer, rows, segments)`` may narrow the
-    rows a layer computes to a subset of the previous layer's; ``track``: layers whose key change
-    is recorded (``segments[layer].deviation``)."""
-    positions, rows = np.asarray(positions, np.int64), np.asarray(rows, np.int64)
-    hidden = run.embed(ids)
-    for layer, segment in enumerate(segments):
-        keep = rows if schedule is None else schedule(layer, rows, segments)
-        if len(keep) != len(rows):
-            at = np.searchsorted(rows, keep)
-            hidden, positions, rows = hidden[:, run.ops.asarray(at, like=hidden)], positions[at], keep
-        segment.begin(rows, positions, theta, layer in track)
-        hidden = run.layer(layer, hidden, positions, cache)
-    return run.head(hidden[:, -1:], cache)
+# Repairing a cache with a layer-by-layer pass (sagekv.layerwise.run_pass)
 
 
 def load_rows(run, pieces, rows_per_piece):

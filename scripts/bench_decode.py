@@ -18,13 +18,12 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 
 import numpy as np
 
 import sagekv
-from sagekv.checkpoints import SHAPES, make_tiny_checkpoint, write_shape
+from sagekv.checkpoints import SHAPES, random_model
 
 WARMUP_STEPS = 2
 STEADY_FROM = 3  # tokens read before decode is steady: the first steps run eagerly, then one is captured
@@ -174,14 +173,10 @@ def cpu_name() -> str:
     return f"cpu ({name})"
 
 
-def load(args, path):
-    if args.backend == "torch":
-        return sagekv.load(write_shape(path, args.shape), backend="torch", device=args.device, dtype=args.dtype,
-                           random_weights=True)
-    if args.shape != "small":  # mlx-lm loads weights from files only
-        raise SystemExit(f"--backend mlx builds --shape small only (a {args.shape} checkpoint would be written)")
-    return sagekv.load(make_tiny_checkpoint(path, "llama", **SHAPES[args.shape]), backend="mlx", device=args.device,
-                       dtype=args.dtype)
+def load(args):
+    if args.backend == "mlx" and args.shape == "llama3-8b":  # mlx-lm loads weights from files only
+        raise SystemExit("--backend mlx builds the small shapes only (a 16 GB checkpoint would be written)")
+    return random_model(args.shape, args.device, args.dtype, args.backend)
 
 
 def main():
@@ -202,8 +197,7 @@ def main():
     if args.decode_tokens < STEADY_FROM + 2:
         parser.error(f"--decode-tokens must be at least {STEADY_FROM + 2}")
 
-    with tempfile.TemporaryDirectory() as path:
-        model = load(args, path)
+    model = load(args)
     model.runner.eos_ids = set()  # a fixed decode length
     bench = (TorchBench if args.backend == "torch" else MlxBench)(model.runner)
     graphs = getattr(model.runner, "graphs", None)  # torch on CUDA: how decode steps are captured

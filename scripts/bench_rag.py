@@ -13,13 +13,11 @@ full recompute, and peak device memory above what was allocated before the answe
 import argparse
 import json
 import statistics
-import tempfile
 
 import numpy as np
 
-import sagekv
 from sagekv import rag
-from sagekv.checkpoints import SHAPES, write_shape
+from sagekv.checkpoints import SHAPES, random_model
 from sagekv.store import MemoryStore
 
 METHODS = ["full_recompute", "reuse", "epic", "cacheblend", "samkv"]
@@ -55,8 +53,7 @@ def main():
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as path:
-        model = sagekv.load(write_shape(path, args.shape), backend="torch", device=args.device, dtype=args.dtype, random_weights=True)
+    model = random_model(args.shape, args.device, args.dtype)
     model.runner.eos_ids = set()
     rng = np.random.default_rng(0)
     documents = [rng.integers(0, 256, args.doc_tokens).tolist() for _ in range(args.docs)]

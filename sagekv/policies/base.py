@@ -74,6 +74,8 @@ class Policy:
 
     name: ClassVar[str]
     observed_queries: ClassVar[int] = 1
+    evicts: ClassVar[bool] = True
+    """Whether decoding drops prompt entries (then generation prefills layer-wise, freeing them as it goes)."""
 
     def layout(self, n: int, q_heads: int, kv_heads: int) -> Layout:
         raise NotImplementedError

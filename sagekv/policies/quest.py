@@ -24,6 +24,8 @@ class Quest(Policy):
     page: int = 16
     dense_layers: int = 2
     name = "quest"
+    # every entry stays: a layer-wise prefill would save no memory, and run each layer over the whole prompt's activations
+    evicts = False
 
     def __post_init__(self):
         check_int("budget", self.budget, 1)

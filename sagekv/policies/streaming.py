@@ -31,6 +31,7 @@ class Full(Policy):
     """Full attention: nothing is evicted (the reference every policy is measured against)."""
 
     name = "full"
+    evicts = False
 
     def layout(self, n: int, q_heads: int, kv_heads: int) -> Layout:
         return self.shared_layout(n, q_heads, kv_heads, 0, 0, n)
