@@ -1,6 +1,6 @@
 """Prefill speed and peak memory: sagekv's layer-wise prefill against the library's own prefills.
 
-On a random model of a named shape (:mod:`shapes`) and random prompts of each ``--lengths``, each
+On a random model of a named shape (:data:`sagekv.checkpoints.SHAPES`) and random prompts of each ``--lengths``, each
 configuration prefills the prompt and gives the first token's logits:
 
 - torch: ``hf-one-shot`` (transformers' forward over the whole prompt, SDPA, a DynamicCache),
