@@ -33,6 +33,19 @@ def word_tokens(text: str) -> list:
     return [0] + re.findall(r"\w+|[^\w\s]", text)
 
 
+def one_line_error(call, *texts) -> str:
+    """The message of the SageKVError that ``call`` raises: one line holding each of ``texts``."""
+    from sagekv.errors import SageKVError
+
+    with pytest.raises(SageKVError) as error:
+        call()
+    message = str(error.value)
+    assert "\n" not in message
+    for text in texts:
+        assert text in message, message
+    return message
+
+
 class DiskFills:
     """A file that takes ``room`` bytes, then fails as a full disk (or is interrupted)."""
 

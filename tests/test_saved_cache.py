@@ -11,8 +11,7 @@ import pytest
 
 import sagekv
 import sagekv.store as store
-from conftest import DiskFills, needs_mlx, needs_torch
-from sagekv.errors import SageKVError
+from conftest import DiskFills, needs_mlx, needs_torch, one_line_error
 from sagekv.saved_cache import FORMAT, VERSION
 
 DOCUMENT = "Alpha beta gamma delta. The key for door seven is 4821. Epsilon zeta eta theta iota. " * 3
@@ -27,15 +26,6 @@ POLICIES = [
     sagekv.Quest(BUDGET, page=8, dense_layers=1),  # one full layer and one paged one
 ]
 BACKENDS = ["mlx", "torch"]
-
-
-def one_line_error(call, *texts):
-    with pytest.raises(SageKVError) as error:
-        call()
-    message = str(error.value)
-    assert "\n" not in message
-    for text in texts:
-        assert text in message, message
 
 
 def same_kept(a, b):

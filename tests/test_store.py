@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import sagekv.store as store
-from conftest import DiskFills
-from sagekv.errors import SageKVError
+from conftest import DiskFills, one_line_error
 from sagekv.store import DocumentStore, MemoryStore, content_key
 
 MODEL = "0123456789abcdef"
@@ -44,16 +43,6 @@ def new_process():
 @pytest.fixture(params=["directory", "memory"])
 def any_store(request, tmp_path):
     return DocumentStore(tmp_path, MODEL) if request.param == "directory" else MemoryStore(MODEL)
-
-
-def one_line_error(call, *texts):
-    with pytest.raises(SageKVError) as error:
-        call()
-    message = str(error.value)
-    assert "\n" not in message
-    for text in texts:
-        assert text in message, message
-    return message
 
 
 # --- keys -----------------------------------------------------------------------------------------
