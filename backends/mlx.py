@@ -33,6 +33,7 @@ class MlxOps(Ops):
 
     xp = mx
     index_dtype = mx.int32
+    host_slots = True  # a slice write costs less than a scatter from a computed index, and MLX replays no graph
 
     @classmethod
     def float32(cls, x):

@@ -171,6 +171,7 @@ class CompactKV(DecodeCache):
         self.shared_positions = ops.concat([sink, ring] if per_head else [sink, selected, ring], axis=1)
         self.selected_positions = positions[:, s : s + k] if per_head else None
         self.step = ops.full((1,), 0, like=self.shared_positions)  # tokens appended since selection
+        self.appended = 0  # the same count on the host (Ops.host_slots)
         self.length = n  # the same count on the host, n + step, for position ids without a device read
 
     @classmethod
@@ -205,12 +206,17 @@ class CompactKV(DecodeCache):
         if key.shape[2] != 1:
             raise SageKVError("after eviction the cache takes one token per step")
         ops, hkv = self.ops, self.layout.kv_heads
-        slot = self.step % self.ring_size + self.ring_start  # the oldest entry
+        if ops.host_slots:
+            first = self.appended % self.ring_size + self.ring_start  # the oldest entry
+            slot, position = slice(first, first + 1), self.appended + self.layout.n
+        else:
+            slot = self.step % self.ring_size + self.ring_start
+            position = ops.xp.broadcast_to(self.step + self.layout.n, (hkv, 1))
         ops.write(self.shared_k, 2, slot, key)
         ops.write(self.shared_v, 2, slot, value)
-        position = self.step + self.layout.n
-        ops.write(self.shared_positions, 1, slot, ops.xp.broadcast_to(position, (hkv, 1)))
+        ops.write(self.shared_positions, 1, slot, position)
         self.step += 1
+        self.appended += 1
         self.length += 1
 
     def attend(self, queries, scale):
@@ -248,6 +254,7 @@ class CompactKV(DecodeCache):
     def from_state(cls, ops, arrays: dict, meta: dict):
         cache = super().from_state(ops, arrays, meta)
         cache.layout = Layout(**{field.name: meta[field.name] for field in fields(Layout)})
+        cache.appended = int(ops.to_numpy(cache.step)[0]) if ops.host_slots else 0  # read only where it is used
         return cache
 
 

@@ -119,3 +119,20 @@ def random_model(shape: str, device=None, dtype=None, backend: str = "torch"):
             return sagekv.load(path, backend="torch", device=device, dtype=dtype, random_weights=True)
         folder = make_tiny_checkpoint(os.path.join(path, shape), "llama", dtype=dtype or "float32", **SHAPES[shape])
         return sagekv.load(folder, backend="mlx", device=device, dtype=dtype)
+
+
+def bench_model(model, shape: str, device=None, dtype=None, backend: str = "torch"):
+    """What a benchmark runs on: ``model`` as :func:`sagekv.load` takes it ("" for the bundled reference
+    model, in its own dtype unless ``dtype``), or when None a random model of ``shape`` (float32 unless ``dtype``)."""
+    if model is None:
+        return random_model(shape, device, dtype or "float32", backend)
+    import sagekv
+
+    return sagekv.load(model or None, backend=backend, device=device, dtype=dtype)
+
+
+def add_model_option(parser) -> None:
+    """The benchmarks' --model: run on a checkpoint (or with no value the bundled reference model) rather than --shape."""
+    parser.add_argument("--model", nargs="?", const="", default=None,
+                        help="a path or name sagekv.load takes, or no value for the bundled reference model "
+                             "(default: a random model of --shape)")

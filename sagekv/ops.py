@@ -18,6 +18,8 @@ class Ops:
 
     xp = None  # the library's namespace
     index_dtype = None  # dtype of positions and indices
+    # whether a decode step may index with the host's counts (slices): no captured graph must replay it
+    host_slots = False
 
     @classmethod
     def placement(cls, like) -> dict:

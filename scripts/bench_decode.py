@@ -1,6 +1,7 @@
 """Decode speed of eviction policies against their memory-bandwidth floor and the framework's own decode.
 
-Builds a random model of a named shape (torch: directly on the device, no checkpoint written), prefills
+Builds a random model of a named shape (torch: directly on the device, no checkpoint written) or loads a
+checkpoint (``--model``; with no value the bundled reference model), prefills
 one random prompt per length, then for each policy and budget selects and decodes (medians of
 ``--repeats`` after a warm-up) and prints one markdown table: KV kept, selection ms, decode tok/s (from the
 STEADY_FROM-th token read to the last: the first steps warm up and capture), the floor = copy bandwidth /
@@ -10,6 +11,7 @@ the kept length: what one would otherwise run. On torch with CUDA each evicting 
 twice, with its step eager and captured as a CUDA graph (column "step").
 
     python scripts/bench_decode.py --shape llama3-8b --device cuda --dtype bfloat16 --lengths 32768,131072
+    python scripts/bench_decode.py --backend mlx --model --lengths 8192 --budgets 256,1024
 """
 
 import argparse
@@ -23,7 +25,7 @@ import time
 import numpy as np
 
 import sagekv
-from sagekv.checkpoints import SHAPES, random_model
+from sagekv.checkpoints import SHAPES, add_model_option, bench_model
 
 WARMUP_STEPS = 2
 STEADY_FROM = 3  # tokens read before decode is steady: the first steps run eagerly, then one is captured
@@ -180,9 +182,9 @@ def cpu_name() -> str:
 
 
 def load(args):
-    if args.backend == "mlx" and args.shape == "llama3-8b":  # mlx-lm loads weights from files only
+    if args.model is None and args.backend == "mlx" and args.shape == "llama3-8b":  # mlx-lm loads weights from files only
         raise SystemExit("--backend mlx builds the small shapes only (a 16 GB checkpoint would be written)")
-    return random_model(args.shape, args.device, args.dtype, args.backend)
+    return bench_model(args.model, args.shape, args.device, args.dtype, args.backend)
 
 
 def main():
@@ -190,7 +192,8 @@ def main():
     parser.add_argument("--backend", choices=["torch", "mlx"], default="torch")
     parser.add_argument("--shape", choices=SHAPES, default="small")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default="float32")
+    add_model_option(parser)
+    parser.add_argument("--dtype", default=None, help="default: float32 for a --shape, a --model's own")
     parser.add_argument("--lengths", default="4096,16384")
     parser.add_argument("--budgets", default="512,2048")
     parser.add_argument("--policies", default="sagekv_kv_follow,sagekv,streaming", help="besides full attention")
@@ -212,7 +215,7 @@ def main():
     config = model.runner.config
     reference = "transformers" if args.backend == "torch" else "mlx-lm"
     lines = [
-        f"{args.shape} ({config['num_hidden_layers']} layers, {config['num_attention_heads']} query / "
+        f"{model.name if args.model is not None else args.shape} ({config['num_hidden_layers']} layers, {config['num_attention_heads']} query / "
         f"{config['num_key_value_heads']} KV heads, {bench.weight_bytes / 2**30:.3g} GiB of weights read per step), "
         f"{model.dtype} on {bench.device}; {bench.versions}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (bytes read + "
         f"written by a {copy_mib} MiB copy); {args.decode_tokens} decoded tokens, median of {args.repeats}",

@@ -1,7 +1,8 @@
 """Prefill speed and peak memory: sagekv's layer-wise prefill against the library's own prefills.
 
-On a random model of a named shape (:data:`sagekv.checkpoints.SHAPES`) and random prompts of each ``--lengths``, each
-configuration prefills the prompt and gives the first token's logits:
+On a random model of a named shape (:data:`sagekv.checkpoints.SHAPES`), or a checkpoint (``--model``; with no
+value the bundled reference model), and random prompts of each ``--lengths``, each configuration prefills the
+prompt and gives the first token's logits:
 
 - torch: ``hf-one-shot`` (transformers' forward over the whole prompt, SDPA, a DynamicCache),
   ``hf-chunked`` (the same in chunks of ``--hf-chunk``, as generate's ``prefill_chunk_size``),
@@ -15,6 +16,7 @@ over what was allocated before; elsewhere each configuration runs alone in a sub
 resident set (``ru_maxrss``) is read, with the resident set after loading the model for reference.
 
     python scripts/bench_prefill.py --shape llama3-8b --device cuda --dtype bfloat16 --lengths 32768,131072
+    python scripts/bench_prefill.py --backend mlx --model --lengths 8192
 """
 
 import argparse
@@ -29,7 +31,7 @@ import time
 import numpy as np
 
 from sagekv.policies import DEFAULT_POLICY, make_policy
-from sagekv.checkpoints import SHAPES, random_model
+from sagekv.checkpoints import SHAPES, add_model_option, bench_model
 
 TORCH_CONFIGS = ["hf-one-shot", "hf-chunked", "sagekv-full", "sagekv-layerwise"]
 MLX_CONFIGS = ["mlx-lm", "sagekv-full", "sagekv-layerwise"]
@@ -95,7 +97,7 @@ def measure(model, name: str, length: int, args) -> dict:
         if cuda:
             peak = max(peak, torch.cuda.max_memory_allocated())
     seconds = statistics.median(times)
-    row = {"config": name, "tokens": length, "seconds": seconds, "tokens_per_s": length / seconds}
+    row = {"config": name, "tokens": length, "seconds": seconds, "tokens_per_s": length / seconds, "dtype": model.dtype}
     if cuda:
         row.update(peak_bytes=peak, above_start_bytes=peak - before)
     else:
@@ -109,7 +111,8 @@ def main():
     parser.add_argument("--shape", choices=SHAPES, default="small")
     parser.add_argument("--backend", choices=["torch", "mlx"], default="torch")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    add_model_option(parser)
+    parser.add_argument("--dtype", default=None, help="default: float32 for a --shape, a --model's own")
     parser.add_argument("--lengths", default="4096,16384")
     parser.add_argument("--configs", default=None, help="comma-separated (default: every one of the backend)")
     parser.add_argument("--policy", default=DEFAULT_POLICY)
@@ -137,7 +140,7 @@ def main():
 
 
 def load(args):
-    model = random_model(args.shape, args.device, args.dtype, args.backend)
+    model = bench_model(args.model, args.shape, args.device, args.dtype, args.backend)
     model.runner.eos_ids = set()
     return model
 
@@ -155,8 +158,11 @@ def report(args, rows: list, model):
 
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in (("torch", "transformers") if args.backend == "torch"
                                                                else ("mlx", "mlx-lm")))
-    config = SHAPES[args.shape]
-    print(f"{args.shape} ({config.get('num_hidden_layers')} layers), {args.dtype} on {describe(args)}; {versions}; "
+    if args.model is None:
+        subject = f"{args.shape} ({SHAPES[args.shape].get('num_hidden_layers')} layers)"
+    else:
+        subject = args.model or "sagekv reference model"
+    print(f"{subject}, {rows[0]['dtype']} on {describe(args)}; {versions}; "
           f"policy {args.policy} budget {args.budget}; median of {args.repeats}")
     cuda = "above_start_bytes" in rows[0]
     print("| tokens | config | tokens/s | x first | peak GiB | " + ("above start GiB |" if cuda else "after load GiB |"))
