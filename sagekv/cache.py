@@ -171,7 +171,7 @@ class CompactKV(DecodeCache):
         self.shared_positions = ops.concat([sink, ring] if per_head else [sink, selected, ring], axis=1)
         self.selected_positions = positions[:, s : s + k] if per_head else None
         self.step = ops.full((1,), 0, like=self.shared_positions)  # tokens appended since selection
-        self.appended = 0  # the same count on the host (Ops.host_slots)
+        self.appended = 0  # the same count on the host, kept where it is used (Ops.host_slots)
         self.length = n  # the same count on the host, n + step, for position ids without a device read
 
     @classmethod
@@ -209,6 +209,7 @@ class CompactKV(DecodeCache):
         if ops.host_slots:
             first = self.appended % self.ring_size + self.ring_start  # the oldest entry
             slot, position = slice(first, first + 1), self.appended + self.layout.n
+            self.appended += 1  # only here: a replayed graph step (torch) runs none of this Python
         else:
             slot = self.step % self.ring_size + self.ring_start
             position = ops.xp.broadcast_to(self.step + self.layout.n, (hkv, 1))
@@ -216,7 +217,6 @@ class CompactKV(DecodeCache):
         ops.write(self.shared_v, 2, slot, value)
         ops.write(self.shared_positions, 1, slot, position)
         self.step += 1
-        self.appended += 1
         self.length += 1
 
     def attend(self, queries, scale):
