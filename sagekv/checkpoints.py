@@ -131,6 +131,28 @@ def bench_model(model, shape: str, device=None, dtype=None, backend: str = "torc
     return sagekv.load(model or None, backend=backend, device=device, dtype=dtype)
 
 
+def device_name(device) -> str:
+    """The device a benchmark ran on, as its table names it: a CUDA GPU's name (torch's "cuda..."), an MLX
+    GPU's ("gpu"), else "cpu" with the processor's model."""
+    device = str(device or "cpu")
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    if device == "gpu":
+        import mlx.core as mx
+
+        return mx.device_info().get("device_name", "gpu")
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        name = platform.processor() or platform.machine()
+    return f"cpu ({name})"
+
+
 def add_model_option(parser) -> None:
     """The benchmarks' --model: run on a checkpoint (or with no value the bundled reference model) rather than --shape."""
     parser.add_argument("--model", nargs="?", const="", default=None,

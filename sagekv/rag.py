@@ -31,7 +31,7 @@ from .cache import SegmentKV
 from .errors import SageKVError
 from .layerwise import run_pass
 from .ops import NumpyOps
-from .policies.base import carry_forward, check_int
+from .policies.base import carry_forward, check_fraction, check_int
 from .store import MemoryStore, content_key
 
 QUERY_TAIL = 128  # a stored document keeps the queries of its last tokens (SamKV's local query)
@@ -315,8 +315,7 @@ class SamKV(RagMethod):
         if self.unit == "tokens" and self.max_kept is None:
             raise SageKVError("unit='tokens' needs max_kept, the share of document tokens kept")
         check_int("follow", self.follow, 1)
-        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0 < self.decay <= 1:
-            raise SageKVError(f"decay must be a number in (0, 1], got {self.decay!r}")
+        check_fraction("decay", self.decay)
         if self.local > QUERY_TAIL:
             raise SageKVError(f"local must be at most {QUERY_TAIL} (the stored query tail), got {self.local}")
 

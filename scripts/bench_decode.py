@@ -18,14 +18,13 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
 
 import sagekv
-from sagekv.checkpoints import SHAPES, add_model_option, bench_model
+from sagekv.checkpoints import SHAPES, add_model_option, bench_model, device_name
 
 WARMUP_STEPS = 2
 STEADY_FROM = 3  # tokens read before decode is steady: the first steps run eagerly, then one is captured
@@ -40,7 +39,7 @@ class TorchBench:
 
         self.torch, self.runner, self.model = torch, runner, runner.model
         self.cuda = runner.device.type == "cuda"
-        self.device = torch.cuda.get_device_name(runner.device) if self.cuda else cpu_name()
+        self.device = device_name(runner.device)
         self.versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
         embed, head = self.model.get_input_embeddings().weight, self.model.get_output_embeddings().weight
         total = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -113,7 +112,7 @@ class MlxBench:
 
         self.mx, self.runner, self.model = mx, runner, runner.model
         gpu = mx.default_device() == mx.gpu
-        self.device = mx.device_info().get("device_name", "gpu") if gpu else cpu_name()
+        self.device = device_name("gpu" if gpu else "cpu")
         self.versions = f"mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}"
         total = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
         tied = getattr(self.model.args, "tie_word_embeddings", True)
@@ -170,15 +169,6 @@ def best_bandwidth(copy, sync, moved: int, repeats: int = 10) -> float:
     copy()
     sync()
     return max(moved / timed(lambda: (copy(), sync())) for _ in range(repeats))
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"cpu ({name})"
 
 
 def load(args):

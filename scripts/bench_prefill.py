@@ -21,7 +21,6 @@ resident set (``ru_maxrss``) is read, with the resident set after loading the mo
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ import time
 import numpy as np
 
 from sagekv.policies import DEFAULT_POLICY, make_policy
-from sagekv.checkpoints import SHAPES, add_model_option, bench_model
+from sagekv.checkpoints import SHAPES, add_model_option, bench_model, device_name
 
 TORCH_CONFIGS = ["hf-one-shot", "hf-chunked", "sagekv-full", "sagekv-layerwise"]
 MLX_CONFIGS = ["mlx-lm", "sagekv-full", "sagekv-layerwise"]
@@ -162,7 +161,7 @@ def report(args, rows: list, model):
         subject = f"{args.shape} ({SHAPES[args.shape].get('num_hidden_layers')} layers)"
     else:
         subject = args.model or "sagekv reference model"
-    print(f"{subject}, {rows[0]['dtype']} on {describe(args)}; {versions}; "
+    print(f"{subject}, {rows[0]['dtype']} on {device_name(args.device)}; {versions}; "
           f"policy {args.policy} budget {args.budget}; median of {args.repeats}")
     cuda = "above_start_bytes" in rows[0]
     print("| tokens | config | tokens/s | x first | peak GiB | " + ("above start GiB |" if cuda else "after load GiB |"))
@@ -174,16 +173,8 @@ def report(args, rows: list, model):
               f"{row['tokens_per_s'] / first['tokens_per_s']:.2f} | {row['peak_bytes'] / 2**30:.3f} | {extra / 2**30:.3f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "worker"}, "device": describe(args),
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "worker"}, "device": device_name(args.device),
                        "rows": rows}, f, indent=1)
-
-
-def describe(args) -> str:
-    if args.device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(torch.device(args.device))
-    return f"{args.device} ({platform.processor() or platform.machine()}, {platform.system()})"
 
 
 if __name__ == "__main__":

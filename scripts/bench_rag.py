@@ -17,7 +17,7 @@ import statistics
 import numpy as np
 
 from sagekv import rag
-from sagekv.checkpoints import SHAPES, random_model
+from sagekv.checkpoints import SHAPES, device_name, random_model
 from sagekv.store import MemoryStore
 
 METHODS = ["full_recompute", "reuse", "epic", "cacheblend", "samkv"]
@@ -64,7 +64,7 @@ def main():
     rows = []
     config = model.runner.model.config
     print(f"{args.shape} ({config.num_hidden_layers} layers, {config.num_attention_heads} query / "
-          f"{config.num_key_value_heads} KV heads), {args.dtype} on {describe(args.device)}; {args.docs} documents x "
+          f"{config.num_key_value_heads} KV heads), {args.dtype} on {device_name(args.device)}; {args.docs} documents x "
           f"{args.doc_tokens} tokens + a {args.question_tokens}-token question; TTFT median of {args.repeats}")
     print("| method | kept tokens | kept % | KV GiB | TTFT s | x full recompute | peak GiB above start |")
     print("|---|---|---|---|---|---|---|")
@@ -87,15 +87,7 @@ def main():
               f"{stats.kv_bytes / 2**30:.2f} | {ttft:.3f} | {ttft / base if base else 1:.2f} | {max(peaks) / 2**30:.2f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(args), "device": describe(args.device), "rows": rows}, f, indent=1)
-
-
-def describe(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(torch.device(device))
-    return device
+            json.dump({"args": vars(args), "device": device_name(args.device), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

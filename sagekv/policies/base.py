@@ -20,6 +20,12 @@ def check_int(name: str, value, minimum: int) -> None:
         raise SageKVError(f"{name} must be >= {minimum}, got {value}")
 
 
+def check_fraction(name: str, value) -> None:
+    """A number in (0, 1] (a decay, a probability mass)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise SageKVError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
 def group_size(q_heads: int, kv_heads: int) -> int:
     if kv_heads < 1 or q_heads % kv_heads:
         raise SageKVError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import SageKVError
-from .base import Layout, Policy, attention_probs, carry_forward, check_int, group_size, key_logits, pool
+from .base import Layout, Policy, attention_probs, carry_forward, check_fraction, check_int, group_size, key_logits, pool
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,7 @@ class SageKV(Policy):
         if self.pool % 2 == 0:
             raise SageKVError(f"pool must be odd (a window centred on each position), got {self.pool}")
         check_int("follow", self.follow, 1)
-        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0 < self.decay <= 1:
-            raise SageKVError(f"decay must be a number in (0, 1], got {self.decay!r}")
+        check_fraction("decay", self.decay)
 
     def split(self, group_size: int) -> tuple[int, int, int]:
         """(sink, top-k per query head, recent) for a model with this GQA group size."""
