@@ -47,10 +47,6 @@ class MlxOps(Ops):
     def attention(cls, q, k, v, scale, mask=None):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
-    @classmethod
-    def scatter_columns(cls, index, values, width):
-        return mx.put_along_axis(cls.full((index.shape[0], width), 0, like=values), index, values, axis=-1)
-
 
 class Draw:
     """One generation's draws: a key from the sampler's seed, split for each token."""
@@ -332,7 +328,10 @@ class Runner:
     def free_bytes(self) -> int:
         if mx.default_device() != mx.gpu:
             return host_available_bytes()
-        info = mx.device_info()  # unified memory: what Metal recommends a process keeps resident
+        info = mx.device_info()
+        if "free_memory" in info:  # CUDA: what the device had free (less MLX's own use, in case that was before it)
+            return int(info["free_memory"]) - mx.get_active_memory()
+        # unified memory: what Metal recommends a process keeps resident
         return int(info.get("max_recommended_working_set_size", info["memory_size"])) - mx.get_active_memory()
 
     def embed(self, ids):

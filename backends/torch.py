@@ -61,8 +61,14 @@ class TorchOps(Ops):
         return torch.topk(x, k, dim=-1, sorted=False).indices
 
     @classmethod
-    def scatter_columns(cls, index, values, width):
-        return cls.full((index.shape[0], width), 0, like=values).scatter_(-1, index, values)
+    def dot_keys(cls, queries, keys):
+        if keys.is_cuda and keys.dtype in (torch.bfloat16, torch.float16):  # float32 out without a float32 copy of the keys
+            return torch.bmm(queries.to(keys.dtype), keys.transpose(-1, -2), out_dtype=torch.float32)
+        return super().dot_keys(queries, keys)
+
+    @classmethod
+    def sort(cls, x):
+        return torch.sort(x, dim=-1).values
 
     @classmethod
     def reduce_max(cls, x, axis):

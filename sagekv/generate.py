@@ -334,6 +334,7 @@ class SageModel:
         check_observed(prefilled, policy)
         run = self.runner
         cache = self.take_cache(prefilled, keep_prefill)
+        run.sync()  # a copy still queued on the device is not selection time
         start = time.perf_counter()
         run.compress(cache, policy)
         run.sync()

@@ -23,6 +23,7 @@ from .cache import SegmentKV
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 HEADROOM = 0.5  # share of the free memory a prefill plans to fill: the rest absorbs allocator slack and kernels' workspace
+UNFUSED_ROWS = 2048  # rows per layer call where attention materialises its scores (mlx-lm's prefill_step_size)
 
 
 def run_pass(run, cache, segments, ids: list, positions, rows, schedule=None, theta=None, track=(), chunk=None,
@@ -94,7 +95,9 @@ def layer_rows(run, length: int) -> int:
     the free memory: every row (one call, the causal kernel) when that call's activations fit in
     HEADROOM of the free memory beside the prompt's hidden states and one layer's keys and values;
     else as many as fit with the explicit [rows, length] mask (and, to be safe, the attention
-    scores) that a part beyond the first needs."""
+    scores) that a part beyond the first needs. Where attention materialises its scores (MLX on the
+    CPU) at most UNFUSED_ROWS: one [heads, length, length] call is slower than parts of it, as mlx-lm's
+    own prefill steps are."""
     config, item = run.config, ITEMSIZE[run.dtype]
     hidden, heads, inner = config["hidden_size"], config["num_attention_heads"], config["intermediate_size"]
     q_dim, kv_dim = heads * run.head_dim, run.kv_heads * run.head_dim
@@ -103,9 +106,10 @@ def layer_rows(run, length: int) -> int:
     held = length * item * (2 * hidden + 2 * kv_dim)  # hidden states in and out, one layer's full keys and values
     budget = HEADROOM * run.free_bytes() - held
     scores = 0 if run.fused_causal else 4 * heads * length  # a kernel that materialises the float32 scores
-    if length * (per_row + scores) <= budget:
+    cap = length if run.fused_causal else min(length, UNFUSED_ROWS)
+    if cap == length and length * (per_row + scores) <= budget:
         return length
-    return max(int(budget // (per_row + length * (1 + 4 * heads))), 1)
+    return max(min(int(budget // (per_row + length * (1 + 4 * heads))), cap), 1)
 
 
 def host_available_bytes() -> int:

@@ -1,7 +1,7 @@
 """The array operations the core needs, written once for numpy, MLX and torch.
 
 :class:`Ops` spells each operation through ``xp``, the library's own namespace, where numpy,
-MLX and torch agree (``xp.concatenate(xs, axis=...)``, ``xp.cumsum``, ``xp.round``,
+MLX and torch agree (``xp.concatenate(xs, axis=...)``, ``xp.where``, ``xp.round``,
 ``xp.maximum``, ...); everything else the core needs (``@``, indexing, ``reshape``,
 ``swapaxes``, ``sum``) is spelled the same on the arrays themselves. Each library's subclass
 overrides only what truly differs: the backends define the MLX and torch ones, and
@@ -67,17 +67,14 @@ class Ops:
         return cls.astype(cls.xp.argpartition(-x, kth=k - 1, axis=-1)[..., :k], cls.index_dtype)
 
     @classmethod
-    def scatter_columns(cls, index, values, width):
-        """A [rows, width] array with values[r, c] at column index[r, c] of row r, zero where none
-        lands (where several land on one column, any one of them)."""
-        out = cls.full((index.shape[0], width), 0, like=values)
-        cls.xp.put_along_axis(out, index, values, axis=-1)
-        return out
+    def dot_keys(cls, queries, keys):
+        """queries [B, Q, D] @ keys [B, N, D] transposed, in float32 (or float64 if either is)."""
+        return cls.float32(queries) @ cls.float32(keys).swapaxes(-1, -2)
 
     @classmethod
-    def cumsum(cls, x, axis):
-        """Running sum, counted in the index dtype (so booleans count as 0/1 in every library)."""
-        return cls.xp.cumsum(cls.astype(x, cls.index_dtype), axis=axis)
+    def sort(cls, x):
+        """``x`` sorted along the last axis."""
+        return cls.xp.sort(x, axis=-1)
 
     @classmethod
     def round(cls, x, decimals):

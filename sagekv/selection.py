@@ -41,18 +41,21 @@ def top_positions(ops, scores, k: int):
     """Indices of the k largest scores per row, ascending; equal scores keep the earliest position.
 
     The tie rule makes every backend keep the same tokens when scores tie exactly (max-pooled
-    plateaus, keys of repeated tokens).
+    plateaus, keys of repeated tokens). Two top-k passes over the row and sorts of 2k entries, no
+    running sum over the row (which on a GPU costs more than the rest of the selection).
     """
     rows, count = scores.shape
-    some = ops.topk_indices(scores, k)
-    kth = ops.reduce_min(scores[ops.arange(0, rows, like=some)[:, None], some], axis=-1)[:, None]
-    above, tied = scores > kth, scores == kth
-    missing = k - above.sum(axis=-1)[:, None]
-    keep = above | (tied & (ops.cumsum(tied, axis=-1) <= missing))  # exactly k per row
-    # each kept index goes to its rank among the kept, so they come out in order; the rest to a spare column
-    rank = ops.xp.where(keep, ops.cumsum(keep, axis=-1) - 1, k)
-    columns = ops.xp.broadcast_to(ops.arange(0, count, like=some)[None], rank.shape)
-    return ops.scatter_columns(rank, columns, k + 1)[:, :k]
+    some = ops.topk_indices(scores, k)  # every score above the k-th, and some equal to it
+    row = ops.arange(0, rows, like=some)[:, None]
+    picked = scores[row, some]
+    kth = ops.reduce_min(picked, axis=-1)[:, None]
+    above = picked > kth
+    missing = k - above.sum(axis=-1)[:, None]  # how many of the scores equal to the k-th are kept
+    tied = scores == kth
+    earliest = ops.topk_indices(ops.xp.where(tied, -ops.arange(0, count, like=some)[None], -count), k)  # any order
+    earliest = ops.sort(ops.xp.where(tied[row, earliest], earliest, count))  # tied positions first, ascending
+    chosen = ops.xp.where(ops.arange(0, k, like=some)[None] < missing, earliest, count)
+    return ops.sort(ops.concat([ops.xp.where(above, some, count), chosen], axis=1))[:, :k]
 
 
 def last_queries(ops, previous, queries, window: int):

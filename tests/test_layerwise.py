@@ -164,6 +164,16 @@ def test_rows_per_layer_call_follow_the_free_memory(models, backend, monkeypatch
     assert max(calls[0]) == rows and sum(calls[0]) == len(ids)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_unfused_attention_takes_parts_of_mlx_lms_step(models, monkeypatch, fused):
+    run = models("llama", "torch").runner
+    monkeypatch.setattr(type(run), "fused_causal", fused)
+    monkeypatch.setattr(run, "free_bytes", lambda: 1 << 50)
+    length = 3 * layerwise.UNFUSED_ROWS
+    assert layerwise.layer_rows(run, length) == (length if fused else layerwise.UNFUSED_ROWS)
+    assert layerwise.layer_rows(run, 100) == 100
+
+
 def test_spans_cut_from_the_end():
     assert layerwise.spans(10, None) == [(0, 10)]
     assert layerwise.spans(10, 10) == layerwise.spans(10, 12) == [(0, 10)]

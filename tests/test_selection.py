@@ -121,6 +121,34 @@ def test_ties_keep_the_earliest_positions(library):
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("k", [1, 5, 16, 40])
+def test_top_positions_match_a_stable_sort(library, k):
+    from sagekv.ops import ops_for
+    from sagekv.selection import top_positions
+
+    rng = np.random.default_rng(k)
+    scores = rng.integers(0, 6, (7, 41)).astype(np.float32)  # plateaus of ties across the k-th score
+    scores[3] = 2.0  # a row of one value
+    x = to_library(scores, library)
+    expected = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :k], axis=1)
+    assert to_numpy(top_positions(ops_for(x), x, k)).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("steps", [0, 1, 2, 5, 31])
+def test_carry_forward_is_the_discounted_maximum_over_the_steps_before(library, steps):
+    from sagekv.ops import ops_for
+    from sagekv.policies.base import carry_forward
+
+    scores = np.random.default_rng(steps).random((3, 50)).astype(np.float32) ** 4
+    expected = scores.astype(np.float64).copy()
+    for distance in range(1, steps + 1):
+        expected[:, distance:] = np.maximum(expected[:, distance:], scores[:, :-distance] * 0.8**distance)
+    x = to_library(scores, library)
+    np.testing.assert_allclose(to_numpy(carry_forward(ops_for(x), x, steps, 0.8)), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
 @pytest.mark.parametrize("group", ["query_head", "kv_head"])
 def test_follow_keeps_the_tokens_after_a_selected_one(library, group):
     # Every query attends to one key (position 40); the tokens after it are what a copy continues with.

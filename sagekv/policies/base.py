@@ -109,7 +109,7 @@ def key_logits(ops, queries, keys):
     copy them G times (most of the selection's time at long prompts).
     """
     hkv, _, d = keys.shape
-    return ops.float32(queries).reshape(hkv, -1, d) @ ops.float32(keys).swapaxes(-1, -2)
+    return ops.dot_keys(queries.reshape(hkv, -1, d), keys)
 
 
 def attention_probs(ops, queries, keys):
@@ -144,12 +144,15 @@ def pool(ops, scores, kernel: int, mode: str):
 
 def carry_forward(ops, scores, steps: int, decay: float):
     """Each position's score becomes the highest of its own and those of the ``steps`` positions
-    before it, discounted by ``decay`` per position of distance. Scores must be >= 0."""
-    if steps == 0:
-        return scores
-    length = scores.shape[-1]
-    padded = ops.concat([ops.full((*scores.shape[:-1], steps), 0.0, like=scores), scores], axis=-1)
-    out = scores
-    for distance in range(1, steps + 1):
-        out = ops.xp.maximum(out, padded[..., steps - distance : steps - distance + length] * decay**distance)
+    before it, discounted by ``decay`` per position of distance. Scores must be >= 0.
+
+    In doubling strides: once each position holds the best of ``width`` distances, one shifted
+    maximum by ``shift <= width`` makes it ``width + shift`` (max lets the ranges overlap), so 31
+    steps take 5 passes over the row, not 31."""
+    out, width = scores, 1
+    while width <= steps:
+        shift = min(width, steps + 1 - width)
+        before = ops.concat([ops.full((*scores.shape[:-1], shift), 0.0, like=scores), out[..., :-shift]], axis=-1)
+        out = ops.xp.maximum(out, before * decay**shift)
+        width += shift
     return out
