@@ -136,11 +136,12 @@ def test_top_positions_match_a_stable_sort(library, k):
 
 @pytest.mark.parametrize("library", LIBRARIES)
 @pytest.mark.parametrize("steps", [0, 1, 2, 5, 31])
-def test_carry_forward_is_the_discounted_maximum_over_the_steps_before(library, steps):
+@pytest.mark.parametrize("length", [1, 3, 50])
+def test_carry_forward_is_the_discounted_maximum_over_the_steps_before(library, steps, length):
     from sagekv.ops import ops_for
     from sagekv.policies.base import carry_forward
 
-    scores = np.random.default_rng(steps).random((3, 50)).astype(np.float32) ** 4
+    scores = np.random.default_rng(steps).random((3, length)).astype(np.float32) ** 4
     expected = scores.astype(np.float64).copy()
     for distance in range(1, steps + 1):
         expected[:, distance:] = np.maximum(expected[:, distance:], scores[:, :-distance] * 0.8**distance)

@@ -149,10 +149,10 @@ def carry_forward(ops, scores, steps: int, decay: float):
     In doubling strides: once each position holds the best of ``width`` distances, one shifted
     maximum by ``shift <= width`` makes it ``width + shift`` (max lets the ranges overlap), so 31
     steps take 5 passes over the row, not 31."""
-    out, width = scores, 1
-    while width <= steps:
+    out, width, length = scores, 1, scores.shape[-1]
+    while width <= steps and width < length:  # past the row's length there is nothing before
         shift = min(width, steps + 1 - width)
-        before = ops.concat([ops.full((*scores.shape[:-1], shift), 0.0, like=scores), out[..., :-shift]], axis=-1)
+        before = ops.concat([ops.full((*scores.shape[:-1], shift), 0.0, like=scores), out[..., : length - shift]], axis=-1)
         out = ops.xp.maximum(out, before * decay**shift)
         width += shift
     return out
