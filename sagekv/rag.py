@@ -275,6 +275,13 @@ class SamKV(RagMethod):
     ``follow - 1`` tokens after it with weight ``decay`` per token; each (layer, KV head) keeps its
     top k tokens, k the largest whose union over layers and heads, with the anchors, is at most the
     share ``max_kept`` of document tokens (required).
+
+    ``lookahead=m`` (not in the paper; ``unit="tokens"`` only) then drafts m tokens greedily on the
+    kept entries as stored and selects again, each draft token's queries at the selection layers
+    scoring every document's tokens as the personalised query does, all scores summed. One query
+    finds what the question names; the draft's also find what the answer reads next (in a two-hop
+    question, the fact about the entity the first fact names), even when the draft itself is wrong.
+    Pseudo queries from a draft guide eviction in Lookahead Q-Cache (Wang et al., 2025) too.
     """
 
     initial: int = 8
@@ -289,6 +296,7 @@ class SamKV(RagMethod):
     unit: str = "blocks"
     follow: int = 32
     decay: float = 0.8
+    lookahead: int = 0
     name = "samkv"
 
     def __post_init__(self):
@@ -316,6 +324,9 @@ class SamKV(RagMethod):
             raise SageKVError("unit='tokens' needs max_kept, the share of document tokens kept")
         check_int("follow", self.follow, 1)
         check_fraction("decay", self.decay)
+        check_int("lookahead", self.lookahead, 0)
+        if self.lookahead and self.unit != "tokens":
+            raise SageKVError("lookahead needs unit='tokens' (blocks are chosen by ratios, not by summed scores)")
         if self.local > QUERY_TAIL:
             raise SageKVError(f"local must be at most {QUERY_TAIL} (the stored query tail), got {self.local}")
 
@@ -338,7 +349,7 @@ class SamKV(RagMethod):
         question_query = self.question_query(model, pieces, question, layers)
         local_queries = [self.local_query(p, layers) for p in pieces]
         if self.unit == "tokens":
-            return self.select_tokens(run, pieces, question_query, local_queries, layers)
+            return self.select_tokens(model, pieces, question, question_query, local_queries, layers)
         scored = []  # per piece: (anchors, end of its middle, block order per layer or None, retention ratio)
         for i, piece in enumerate(pieces):
             n = len(piece.ids)
@@ -368,13 +379,43 @@ class SamKV(RagMethod):
                 chosen = choose(low)
         return chosen
 
-    def select_tokens(self, run, pieces, question_query, local_queries, layers) -> list:
+    def select_tokens(self, model, pieces, question, question_query, local_queries, layers) -> list:
         """Per piece, per selection layer: its anchors and the tokens ``unit="tokens"`` keeps there."""
-        anchors = [self.anchors(len(p.ids)) for p in pieces]
+        run = model.runner
+        anchors, lengths = [self.anchors(len(p.ids)) for p in pieces], [len(p.ids) for p in pieces]
         keys = [run.rerotate(p.read(run, "keys", layers=layers), p.start) for p in pieces]
         queries = [personalised_query(question_query, local_queries, i) for i in range(len(pieces))]
         scores = token_scores(run.ops, queries, keys, anchors, self.follow, self.decay)
-        return chosen_tokens(scores, [len(p.ids) for p in pieces], anchors, self.max_kept)
+        chosen = chosen_tokens(scores, lengths, anchors, self.max_kept)
+        if not self.lookahead:
+            return chosen
+        scores = scores + self.draft_scores(model, pieces, question, kept_rows(chosen), layers, keys, anchors)
+        return chosen_tokens(scores, lengths, anchors, self.max_kept)
+
+    def draft(self, model, pieces, question, kept) -> list:
+        """``lookahead`` tokens drafted greedily over the ``kept`` rows as stored (fewer at an end of sequence)."""
+        from .generate import Prefilled
+
+        cache, logits = repair(model, pieces, question, kept, compute=np.arange(0))
+        prefilled = Prefilled(cache, logits, pieces[-1].stop + len(question), 0, 0.0)
+        return model.decode(prefilled, None, self.lookahead, keep_prefill=False).tokens
+
+    def draft_scores(self, model, pieces, question, kept, layers, keys, anchors):
+        """Every document token's score by the draft's queries at the selection layers: each draft token's
+        attention over every document's tokens and over the question's and the draft's own rows up to
+        it (so a document's share is what the draft would read of it, not renormalised over the
+        documents), summed over the draft, then as the question's scores (:func:`token_scores`)."""
+        run = model.runner
+        draft = self.draft(model, pieces, question, kept)
+        if not draft:
+            return 0.0
+        cache, _ = repair(model, pieces, list(question) + draft, kept, compute=np.arange(0))
+        segments = [run.unwrap(cache)[n] for n in layers]
+        rows = len(question) + len(draft)
+        queries = np.stack([to_float(run.ops, s.queries[:, len(question):]) for s in segments])  # [S, Hq, m, D]
+        own = run.ops.xp.stack([s.keys[0, :, s.size - rows : s.size] for s in segments])  # [S, Hkv, q + m, D]
+        visible = np.arange(rows)[None, :] <= np.arange(len(question), rows)[:, None]  # [m, q + m]: causal
+        return token_scores(run.ops, [queries] * len(pieces), keys, anchors, self.follow, self.decay, (own, visible))
 
     def prefill(self, model, pieces, question):
         run = model.runner
@@ -460,17 +501,29 @@ def block_scores(ops, query, keys, anchors, start: int, stop: int, block: int):
     return ops.to_numpy(anchor_score), ops.to_numpy(scores)
 
 
-def token_scores(ops, queries: list, keys: list, anchors: list, follow: int, decay: float) -> np.ndarray:
+def token_scores(ops, queries: list, keys: list, anchors: list, follow: int, decay: float, own=None) -> np.ndarray:
     """``unit="tokens"``'s score of every token of every piece, [S, Hkv, total tokens] float64 numpy,
-    anchors -1. Per piece: ``queries`` [S, Hq, D] numpy, ``keys`` at the selection layers [n, S, Hkv, D]."""
-    s_layers, hq, d = queries[0].shape
+    anchors -1: the softmax attention of the queries over every piece's tokens at once, summed over
+    each KV head's query group (and the queries), carried forward within each piece.
+
+    Per piece: ``queries`` [S, Hq, D] or [S, Hq, Q, D] numpy, ``keys`` at the selection layers
+    [n, S, Hkv, D]. ``own``: (keys [S, Hkv, R, D], visible [Q, R]) rows beyond the pieces that the
+    queries (then the same for every piece) attend to as well, where visible."""
+    queries = [q[:, :, None] if q.ndim == 3 else q for q in queries]
+    s_layers, hq, count, d = queries[0].shape
     hkv = keys[0].shape[2]
     logits = []
     for query, k in zip(queries, keys):
-        grouped = ops.asarray(query.reshape(s_layers, hkv, hq // hkv, d).astype(np.float32), like=k)
-        k = ops.float32(k).swapaxes(0, 1).swapaxes(1, 2)  # [S, Hkv, n, D]
-        logits.append((grouped @ k.swapaxes(-1, -2)) * d**-0.5)  # [S, Hkv, G, n]
-    probs = ops.to_numpy(ops.softmax(ops.concat(logits, axis=-1)).sum(axis=2)).astype(np.float64)
+        grouped = ops.asarray(query.reshape(s_layers, hkv, hq // hkv, count, d).astype(np.float32), like=k)
+        k = ops.float32(k).swapaxes(0, 1).swapaxes(1, 2)[:, :, None]  # [S, Hkv, 1, n, D]
+        logits.append((grouped @ k.swapaxes(-1, -2)) * d**-0.5)  # [S, Hkv, G, Q, n]
+    total = sum(k.shape[0] for k in keys)
+    if own is not None:
+        own_keys, visible = own
+        extra = (grouped @ ops.float32(own_keys)[:, :, None].swapaxes(-1, -2)) * d**-0.5
+        logits.append(ops.xp.where(ops.asarray(visible, like=extra), extra, float("-inf")))
+    probs = ops.softmax(ops.concat(logits, axis=-1))[..., :total].sum(axis=2).sum(axis=2)
+    probs = ops.to_numpy(probs).astype(np.float64)
     parts, start = [], 0
     for k, rows in zip(keys, anchors):
         part = probs[..., start : start + k.shape[0]].copy()

@@ -22,7 +22,8 @@ METHODS = [rag.FullRecompute(), rag.Reuse(), rag.EPIC(), rag.CacheBlend(), rag.C
            rag.SamKV(), rag.SamKV(update="fusion"), rag.SamKV(layers=1, initial=4, local=4, block=4),
            rag.SamKV(layers=(0, 2), initial=4, local=4, block=4),
            rag.SamKV(query="last", max_kept=0.3, initial=2, local=2, block=4),
-           rag.SamKV(unit="tokens", query="last", max_kept=0.3, initial=2, local=2, follow=4)]
+           rag.SamKV(unit="tokens", query="last", max_kept=0.3, initial=2, local=2, follow=4),
+           rag.SamKV(unit="tokens", max_kept=0.3, initial=2, local=2, recompute=False, lookahead=3)]
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +264,56 @@ def test_samkv_tokens_keeps_the_share(load):
         assert anchors < result.rag.kept_tokens <= share * result.rag.total_tokens
 
 
+def test_samkv_lookahead_selects_again_with_the_draft_queries(load):
+    """The draft is what the first selection, used as stored, answers; its scores are its attention
+    over the documents and its own rows (each draft token's softmax, computed here in float64), and
+    adding them changes the selection; lookahead=0 is the first selection."""
+    model = load("llama", "torch")
+    run = model.runner
+    first = rag.SamKV(unit="tokens", max_kept=0.3, initial=2, local=2, recompute=False)
+    ahead = rag.SamKV(unit="tokens", max_kept=0.3, initial=2, local=2, recompute=False, lookahead=4)
+    pieces_ids, question = rag.prompt_ids(model, DOCUMENTS, QUESTION, TOKENS)
+    store = MemoryStore(model.store_id)
+    pieces = rag.stored_pieces(model, store, pieces_ids)
+    layers = first.selection_layers(run.num_layers)
+    kept = rag.kept_rows(first.select(model, pieces, question))
+    draft = ahead.draft(model, pieces, question, kept)
+    assert draft == rag.rag_ids(model, pieces_ids, question, first, store, 4).tokens and len(draft) == 4
+
+    keys = [run.rerotate(p.read(run, "keys", layers=layers), p.start) for p in pieces]
+    anchors = [ahead.anchors(len(p.ids)) for p in pieces]
+    got = ahead.draft_scores(model, pieces, question, kept, layers, keys, anchors)
+    cache = rag.repair(model, pieces, question + draft, kept, compute=np.arange(0))[0]
+    expected = []
+    for n in layers:
+        segment = run.unwrap(cache)[n]
+        q = rag.to_float(run.ops, segment.queries).astype(np.float64)  # [Hq, q + m, D]
+        own = rag.to_float(run.ops, segment.keys[0, :, segment.size - len(question) - 4 : segment.size]).astype(np.float64)
+        documents = np.concatenate([rag.to_float(run.ops, k[:, layers.index(n)]) for k in keys]).astype(np.float64)
+        hq, _, d = q.shape
+        per_head = np.zeros((own.shape[0], len(documents)))
+        for head in range(hq):
+            kv = head // (hq // own.shape[0])
+            for t in range(4):
+                row = len(question) + t
+                logits = np.concatenate([documents[:, kv] @ q[head, row], own[kv, : row + 1] @ q[head, row]]) / np.sqrt(d)
+                weights = np.exp(logits - logits.max())
+                per_head[kv] += (weights / weights.sum())[: len(documents)]
+        expected.append(per_head)
+    expected = np.stack(expected)
+    start = 0
+    for k, rows in zip(keys, anchors):  # as token_scores treats the question's
+        part = expected[..., start : start + len(k)]
+        part[..., rows] = 0.0
+        part[...] = rag.carry_forward(sagekv.ops.NumpyOps, part.copy(), ahead.follow - 1, ahead.decay)
+        part[..., rows] = -1.0
+        start += len(k)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    again = ahead.select(model, pieces, question)
+    assert rag.kept_count(again) <= 0.3 * pieces[-1].stop
+    assert [r.tolist() for r in rag.kept_rows(again)] != [r.tolist() for r in kept]
+
+
 def test_sagekv_policy_after_a_method(load):
     model = load("llama", "torch")
     plain = model.rag(DOCUMENTS, QUESTION, method="samkv", max_tokens=TOKENS)
@@ -312,6 +363,8 @@ def test_bad_input_is_one_line(load, call, message):
         (lambda: rag.SamKV(unit="token", max_kept=0.2), "unit must be"),
         (lambda: rag.SamKV(follow=0), "follow must be >= 1"),
         (lambda: rag.SamKV(decay=0), "decay must be a number"),
+        (lambda: rag.SamKV(unit="tokens", max_kept=0.2, lookahead=-1), "lookahead must be >= 0"),
+        (lambda: rag.SamKV(lookahead=8), "lookahead needs unit='tokens'"),
     ],
 )
 def test_bad_method_settings(make, message):
