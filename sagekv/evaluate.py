@@ -175,10 +175,9 @@ def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: li
     with append_to(path) as f:
         for first in range(0, len(todo), batch):
             group = todo[first : first + batch]
-            answers = itertools.chain(
-                policy_answers(model, [(case, [cell for cell in pending if isinstance(cell, PolicyCell)]) for case, pending in group],
-                               window, sampler),
-                *(rag_answers(model, case, [cell for cell in pending if isinstance(cell, RagCell)], sampler) for case, pending in group))
+            of_kind = lambda kind: [(case, [c for c in pending if isinstance(c, kind)]) for case, pending in group]  # noqa: E731
+            answers = itertools.chain(policy_answers(model, of_kind(PolicyCell), window, sampler),
+                                      *(rag_answers(model, case, cells, sampler) for case, cells in of_kind(RagCell)))
             for case, cell, result, measured in answers:
                 record = {**key_of(case, cell), "prediction": result.text, "answer": case.answer,
                           "score": case.score(result.text), **measured}
