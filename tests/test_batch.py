@@ -127,3 +127,12 @@ def test_caches_that_do_not_stack_are_refused(tiny_models):
     one_line_error(lambda: model.decode_batch(prefilled, None, 4), "QuestKV caches cannot be decoded in a batch")
     one_line_error(lambda: model.decode_batch([model.prefill(model.encode(p)) for p in PROMPTS[1:]], quest, 4),
                    "quest cannot decode a batch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_every_family_batches(tiny_models, backend, family):
+    """Per-head selection over other group sizes (Qwen2's 7 query heads to 1 KV head) and Qwen3's norms."""
+    model = tiny_models(family, backend)
+    policy = make_policy("sagekv", BUDGET)
+    assert [r.tokens for r in model.generate_batch(PROMPTS, policy, 30)] == [model.generate(p, policy, 30).tokens for p in PROMPTS]
