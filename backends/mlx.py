@@ -76,7 +76,7 @@ class SageKVCache(KVCache):
         if self.decoder is None:
             return super().update_and_fetch(keys, values)
         self.decoder.append(keys, values)
-        self.offset = self.decoder.length
+        self.offset = offset_of(self.decoder)
         return keys, values  # the attention wrapper reads the decoder instead
 
     def observe(self, queries):
@@ -145,6 +145,13 @@ class PromptKVCache(OnePrompt, SageKVCache):
 
     def to_quantized(self, group_size: int = 64, bits: int = 4):
         raise SageKVError("a sagekv cache cannot be quantized (kv_bits)")
+
+
+def offset_of(decoder):
+    """The cache ``offset`` that mlx-lm's RoPE reads as the next token's position: a number, or for a batch
+    one per row (mx.fast.rope takes an array of one offset per batch row)."""
+    lengths = decoder.lengths
+    return lengths[0] if len(lengths) == 1 else mx.array(lengths)
 
 
 def _wrap_attention(original):
@@ -239,8 +246,9 @@ class Runner:
         mx.eval([c.state for c in cache])
 
     def forward(self, ids, cache):
-        tokens = ids.reshape(1, 1) if isinstance(ids, mx.array) else mx.array(ids)[None]
-        logits = self.model(tokens, cache=cache)[0, -1]
+        tokens = ids.reshape(-1, 1) if isinstance(ids, mx.array) else mx.array(ids)[None]  # a token per row, or a list
+        logits = self.model(tokens, cache=cache)[:, -1]
+        logits = logits[0] if len(logits) == 1 else logits
         # a decoder's kept positions feed no logit: evaluate its state so no graph grows per step
         mx.async_eval(logits, [c.queries if c.decoder is None else c.decoder.state for c in cache])
         return logits
@@ -249,12 +257,19 @@ class Runner:
         return Draw(sampler)
 
     def next_token(self, logits, draw=None):
-        token = mx.argmax(logits) if draw is None else draw(logits)
-        mx.async_eval(token)
-        return token
+        return self.next_tokens(logits, None if draw is None else [draw])
+
+    def next_tokens(self, logits, draws=None):
+        logits = logits.reshape(-1, logits.shape[-1])
+        tokens = mx.argmax(logits, axis=-1) if draws is None else mx.stack([draw(row) for draw, row in zip(draws, logits)])
+        mx.async_eval(tokens)
+        return tokens
 
     def token_id(self, token) -> int:
         return int(token.item())
+
+    def token_ids(self, tokens) -> list:
+        return tokens.tolist()
 
     def logits_numpy(self, logits):
         return np.array(logits.astype(mx.float32))
@@ -290,7 +305,7 @@ class Runner:
                 c.update_and_fetch(held["keys"], held["values"])
                 c.queries = held.get("queries")
             else:
-                c.decoder, c.offset = held, held.length
+                c.decoder, c.offset = held, offset_of(held)
         return cache
 
     def unwrap(self, cache) -> list:
@@ -320,7 +335,7 @@ class Runner:
         return mx.zeros((1, self.kv_heads, 0, self.head_dim), dtype=dtype)
 
     def set_decoder(self, cache, index: int, decoder):
-        cache[index].decoder, cache[index].offset = decoder, decoder.length
+        cache[index].decoder, cache[index].offset = decoder, offset_of(decoder)
 
     def evaluate(self, arrays):
         mx.eval(arrays)

@@ -15,13 +15,14 @@ import functools
 import inspect
 import os
 
+import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..cache import CompactKV, full_layer, kept_of
+from ..cache import full_layer, kept_of
 from ..dropin import OnePrompt
 from ..errors import SageKVError
 from ..generate import check_attention, check_model_type
@@ -148,21 +149,25 @@ class SageCache(Cache):
         self.counted = None  # the length it was counted to
         self.graph = None  # its decode step captured (StepGraph), once it decodes on a static cache
 
-    def position_ids(self, count: int, device):
-        """Positions [1, count] of the next tokens from a counter on the device, advanced in place:
-        a decode step reads no position from the host, so it is the same work every step."""
+    def position_ids(self, input_ids):
+        """Positions [rows, count] of the tokens ``input_ids`` [rows, count] (a row per sequence of a batch)
+        from a counter on the device, advanced in place: a decode step reads no position from the host, so
+        it is the same work every step."""
+        count = input_ids.shape[1]
         if self.counted != self.get_seq_length():  # first use, or tokens added layer by layer (sagekv.rag)
-            self.position = torch.full((1,), self.get_seq_length(), dtype=torch.int64, device=device)
-        positions = self.position + torch.arange(count, device=device)
+            decoder = self.layers[0].decoder
+            starts = [self.get_seq_length()] if decoder is None else decoder.lengths
+            self.position = TorchOps.asarray(np.array(starts, np.int64), like=input_ids)
+        positions = self.position[:, None] + torch.arange(count, device=input_ids.device)
         self.position += count
         self.counted = self.get_seq_length() + count
-        return positions[None]
+        return positions
 
     @property
     def static(self) -> bool:
         """Whether a decode step is the same work on the same tensors every step: every layer decodes on a
-        fixed-size CompactKV (a full layer, Quest's pages and a SegmentKV grow)."""
-        return all(isinstance(layer.decoder, CompactKV) for layer in self.layers)
+        fixed-size cache (CompactKV, BatchKV; a full layer, Quest's pages and a SegmentKV grow)."""
+        return all(layer.decoder is not None and layer.decoder.static for layer in self.layers)
 
     def count_step(self):
         """What a decode step on a static cache counts on the host (each layer's length, the length the
@@ -326,15 +331,18 @@ class Token:
     that copy only, not for the steps queued after it, so the device keeps working while the host reads."""
 
     def __init__(self, ids):
-        self.ids = ids  # [1] on the device
+        self.ids = ids  # [rows] on the device
         self.host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
         self.host.copy_(ids, non_blocking=True)
         self.ready = torch.cuda.Event()
         self.ready.record()
 
     def __int__(self):
+        return self.tolist()[0]
+
+    def tolist(self) -> list:
         self.ready.synchronize()
-        return int(self.host[0])
+        return self.host.tolist()
 
 
 class Draw:
@@ -408,17 +416,18 @@ class Runner:
         return self.step(ids, cache)
 
     def step(self, ids, cache):
-        """One eager step: ids [1] on the device or a list of ids."""
-        input_ids = ids.reshape(1, 1) if isinstance(ids, torch.Tensor) else torch.tensor([ids], device=self.device)
+        """One eager step: a token per row [rows] on the device, or a list of ids of one sequence."""
+        input_ids = ids.reshape(-1, 1) if isinstance(ids, torch.Tensor) else torch.tensor([ids], device=self.device)
         with cache.active():
             out = self.model(
                 input_ids=input_ids,
-                position_ids=cache.position_ids(len(ids), self.device),
+                position_ids=cache.position_ids(input_ids),
                 use_cache=True,
                 logits_to_keep=1,
                 **{self.cache_argument: cache},
             )
-        return out.logits[0, -1]
+        logits = out.logits[:, -1]
+        return logits[0] if len(logits) == 1 else logits
 
     prefill = forward
 
@@ -426,11 +435,18 @@ class Runner:
         return Draw(sampler, self.device)
 
     def next_token(self, logits, draw=None):
-        token = torch.argmax(logits).reshape(1) if draw is None else draw(logits)
-        return Token(token) if self.device.type == "cuda" else token
+        return self.next_tokens(logits, None if draw is None else [draw])
+
+    def next_tokens(self, logits, draws=None):
+        logits = logits.reshape(-1, logits.shape[-1])
+        tokens = torch.argmax(logits, dim=-1) if draws is None else torch.cat([draw(row) for draw, row in zip(draws, logits)])
+        return Token(tokens) if self.device.type == "cuda" else tokens
 
     def token_id(self, token) -> int:
         return int(token) if isinstance(token, Token) else int(token.item())
+
+    def token_ids(self, tokens) -> list:
+        return tokens.tolist()  # a Token's waits for its copy to the host only
 
     def logits_numpy(self, logits):
         return logits.float().cpu().numpy()

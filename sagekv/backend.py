@@ -36,7 +36,8 @@ class Runner(Protocol):
 
     def forward(self, ids, cache):
         """Run tokens (a list of ids, or one token from :meth:`next_token`) through the model into
-        ``cache``; the last position's logits."""
+        ``cache``; the last position's logits. On a batch's cache (``wrap`` of :class:`sagekv.cache.BatchKV`
+        layers), ``ids`` from :meth:`next_tokens` gives each row one token: the logits [rows, vocabulary]."""
 
     def new_draw(self, sampler):
         """Random state for one generation drawing with ``sampler`` (a seeded, non-greedy
@@ -47,8 +48,15 @@ class Runner(Protocol):
         the host behind it), computing without waiting for it: the highest logit, or drawn by ``draw`` (from
         :meth:`new_draw`) from the sampler's filtered distribution."""
 
+    def next_tokens(self, logits, draws=None):
+        """:meth:`next_token` of each row of ``logits`` [rows, vocabulary] (or of one vector), each drawn by its
+        own of ``draws`` (one per row) if given: the tokens [rows] as :meth:`next_token` gives one."""
+
     def token_id(self, token) -> int:
         """A token from :meth:`next_token` on the host (waits for it)."""
+
+    def token_ids(self, tokens) -> list:
+        """Tokens from :meth:`next_tokens` on the host (waits for them)."""
 
     def logits_numpy(self, logits):
         """The logits as a float32 numpy array."""

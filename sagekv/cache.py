@@ -9,10 +9,13 @@ which reads the class from ``meta["kind"]``), as mlx-lm's prompt caches do.
 * :class:`QuestKV`: Quest's full cache in pages, with each page's key bounds.
 * :class:`SegmentKV`: a cache assembled from stored document segments (sagekv.rag), repaired by
   recomputing chosen rows, then decoded on.
+* :class:`BatchKV`: several sequences' caches of one layer stacked along the batch axis, decoded
+  together (:meth:`sagekv.SageModel.generate_batch`).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, fields
 from typing import ClassVar, Optional
@@ -35,6 +38,14 @@ class DecodeCache(ABC):
     ops: type  # the Ops of the arrays' library
     length: int  # tokens seen: the next token's position
     growth: ClassVar[int] = 256  # rows added per reallocation, for caches that grow
+    # whether a decode step is the same work on the same arrays every step (a fixed size, counters on the
+    # device), so a captured graph of it can replay (backends/torch.py StepGraph)
+    static: ClassVar[bool] = False
+
+    @property
+    def lengths(self) -> list:
+        """Each sequence's next position, one per batch row."""
+        return [self.length]
 
     def grown(self, x, extra: int):
         """``x`` [1, Hkv, T, D] with ``extra`` zero rows of room appended along T."""
@@ -145,6 +156,7 @@ class CompactKV(DecodeCache):
     """
 
     held = ("shared_k", "shared_v", "shared_positions", "step", "selected_k", "selected_v", "selected_positions")
+    static = True
 
     def __init__(self, ops, layout, positions, keys, values):
         """``positions``: kept positions [rows, S+k+R+1]; ``keys``/``values``: full [1, Hkv, N, D]."""
@@ -258,11 +270,16 @@ class CompactKV(DecodeCache):
         return cache
 
 
-def two_part_attention(ops, q, shared_k, shared_v, selected_k, selected_v):
-    """Attention of scaled queries q [1, Hkv, G, D] over each KV head's shared entries and each
-    query head's own selected entries [1, Hkv, G, k, D], normalised by one softmax."""
-    shared_logits = q @ shared_k.swapaxes(-1, -2)  # [1, Hkv, G, S+R+1]
-    selected_logits = (q[:, :, :, None] @ selected_k.swapaxes(-1, -2))[:, :, :, 0]  # [1, Hkv, G, k]
+def two_part_attention(ops, q, shared_k, shared_v, selected_k, selected_v, shared_mask=None, selected_mask=None):
+    """Attention of scaled queries q [B, Hkv, G, D] over each KV head's shared entries and each
+    query head's own selected entries [B, Hkv, G, k, D], normalised by one softmax. The masks
+    ([B, 1, 1, S] and [B, 1, 1, 1], True: attend) leave out a batch's padding."""
+    shared_logits = q @ shared_k.swapaxes(-1, -2)  # [B, Hkv, G, S+R+1]
+    selected_logits = (q[:, :, :, None] @ selected_k.swapaxes(-1, -2))[:, :, :, 0]  # [B, Hkv, G, k]
+    if shared_mask is not None:
+        shared_logits = ops.xp.where(shared_mask, shared_logits, -math.inf)
+    if selected_mask is not None:
+        selected_logits = ops.xp.where(selected_mask, selected_logits, -math.inf)
     probs = ops.softmax(ops.concat([shared_logits, selected_logits], axis=-1))
     shared = shared_k.shape[2]
     out = ops.astype_like(probs[..., :shared], shared_v) @ shared_v
@@ -483,3 +500,133 @@ class SegmentKV(DecodeCache):
     @classmethod
     def from_state(cls, ops, arrays: dict, meta: dict):
         return cls(ops, arrays["keys"], arrays["values"], np.asarray(meta["positions"], np.int64))
+
+
+class BatchKV(DecodeCache):
+    """One layer's caches of several sequences, stacked along the batch axis and decoded together.
+
+    Each batch row holds its sequence's entries [Hkv, T, D] as one run of entries followed by a ring
+    that each decoded token writes into, oldest entry first:
+
+    * from a :class:`CompactKV`: its shared entries, the ring its own (R recent prompt tokens and the
+      last one: full from the start, so every decoded token overwrites the oldest), and its per-head
+      part, if any, in ``selected_k``/``selected_v`` [B, Hkv, G, k, D];
+    * from a layer that keeps everything (:func:`full_layer`, or a :class:`SegmentKV`: N entries), the
+      ring is ``room`` empty entries after them, where decoded tokens are appended, so nothing is ever
+      overwritten.
+
+    Rows are padded to the widest one, T; entries past a row's ring and those of its ring not yet
+    written are masked out of attention, as is the per-head part of a row that has none, so padding
+    never changes a result. Every row starts at the same step, so one step counter on the device
+    serves all: each row's ring slot and mask follow from it, and a step is the same work every time
+    (a CUDA graph of it replays). Positions are per row: ``lengths``.
+    """
+
+    held = ("keys", "values", "ring_start", "ring_size", "ring_fill", "step", "selected_k", "selected_v", "selected_rows")
+    static = True
+
+    def __init__(self, ops, layers: list, room: int):
+        """``layers``: each sequence's layer, a CompactKV fresh from selection (nothing decoded on it yet), a
+        SegmentKV or a full layer's arrays (:func:`full_layer`); ``room``: tokens each sequence may append."""
+        self.ops = ops
+        rows = [batch_row(layer, room) for layer in layers]
+        width = max(row["end"] for row in rows)
+        like = rows[0]["keys"]
+        self.keys = ops.concat([self.padded(row["keys"], width) for row in rows], axis=0)
+        self.values = ops.concat([self.padded(row["values"], width) for row in rows], axis=0)
+        index = lambda values: ops.astype(ops.asarray(np.array(values), like=like), ops.index_dtype)  # noqa: E731
+        self.ring_start = index([row["ring_start"] for row in rows])
+        self.ring_size = index([row["ring_size"] for row in rows])
+        self.ring_fill = index([row["ring_fill"] for row in rows])  # ring entries held at the start
+        self.step = ops.full((1,), 0, like=self.ring_start)
+        # no mask where every row is a full ring ending at the batch's width (equal compact caches)
+        self.masked = any(row["ring_fill"] < row["ring_size"] or row["end"] < width for row in rows)
+        selected = [row["selected"] for row in rows]
+        known = [s for s in selected if s is not None]
+        self.selected_k = self.selected_v = self.selected_rows = None
+        if known:
+            if any(s[0].shape != known[0][0].shape for s in known):
+                raise SageKVError("the sequences' per-head selections differ in size: decode them with one policy")
+            none = [ops.full(known[0][0].shape, 0.0, like=known[0][0])] * 2
+            self.selected_k = ops.concat([(s or none)[0] for s in selected], axis=0)
+            self.selected_v = ops.concat([(s or none)[1] for s in selected], axis=0)
+            if len(known) < len(rows):
+                self.selected_rows = index([s is not None for s in selected]).reshape(-1, 1, 1, 1) > 0
+        starts = [row["length"] for row in rows]
+        self.length = max(starts)  # the furthest row's next position; each row's is in ``lengths``
+        self.behind = [self.length - start for start in starts]
+
+    def padded(self, x, width: int):
+        return x if x.shape[2] == width else self.grown(x, width - x.shape[2])
+
+    @property
+    def lengths(self) -> list:
+        return [self.length - behind for behind in self.behind]
+
+    def mask(self):
+        """[B, 1, 1, T] True where a row's entry is attended to, or None when every entry is."""
+        if not self.masked:
+            return None
+        held = self.ring_start + self.ops.xp.minimum(self.ring_fill + self.step, self.ring_size)  # [B]
+        return (self.ops.arange(0, self.keys.shape[2], like=held)[None] < held[:, None])[:, None, None]
+
+    def append(self, key, value):
+        """Write each row's decoded token's key/value [B, Hkv, 1, D] into its ring's oldest slot."""
+        if key.shape[2] != 1:
+            raise SageKVError("a batch decodes one token per sequence per step")
+        slots = (self.ring_fill + self.step) % self.ring_size + self.ring_start
+        self.ops.write_rows(self.keys, slots, key)
+        self.ops.write_rows(self.values, slots, value)
+        self.step += 1
+        self.length += 1
+
+    def attend(self, queries, scale):
+        ops = self.ops
+        b, hq, length, d = queries.shape
+        if length != 1:
+            raise SageKVError("a batch decodes one token per sequence per step")
+        mask = self.mask()
+        if self.selected_k is None:
+            return ops.attention(queries, self.keys, self.values, scale, mask)
+        hkv = self.keys.shape[1]
+        q = queries.reshape(b, hkv, hq // hkv, d) * scale
+        out = two_part_attention(ops, q, self.keys, self.values, self.selected_k, self.selected_v, mask, self.selected_rows)
+        return out.reshape(b, hq, 1, d)
+
+    def kept_from(self, positions: list):
+        raise SageKVError("a batch keeps no positions: each sequence's are read before its cache is stacked")
+
+    @property
+    def arrays(self) -> list:
+        held = [self.keys, self.values, self.selected_k, self.selected_v]
+        return [a for a in held if a is not None]
+
+    @property
+    def meta(self) -> dict:
+        return {**super().meta, "behind": self.behind, "masked": self.masked}
+
+    @classmethod
+    def from_state(cls, ops, arrays: dict, meta: dict):
+        cache = super().from_state(ops, arrays, meta)
+        cache.behind, cache.masked = list(meta["behind"]), meta["masked"]
+        return cache
+
+
+def batch_row(layer, room: int) -> dict:
+    """One sequence's layer as a :class:`BatchKV` row: its entries [1, Hkv, W, D], where its ring starts, its
+    size and how much of it is held, where the row's entries end, its per-head part and next position."""
+    if isinstance(layer, CompactKV):
+        return {"keys": layer.shared_k, "values": layer.shared_v, "ring_start": layer.ring_start,
+                "ring_size": layer.ring_size, "ring_fill": layer.ring_size, "end": layer.shared_k.shape[2],
+                "selected": (layer.selected_k, layer.selected_v) if layer.per_head else None, "length": layer.length}
+    if isinstance(layer, SegmentKV):  # what a layer-wise prefill keeps where the policy keeps everything
+        keys, values = layer.arrays
+        length = layer.length
+    elif isinstance(layer, dict):
+        keys, values = layer["keys"], layer["values"]
+        length = keys.shape[2]
+    else:
+        raise SageKVError(f"{type(layer).__name__} caches cannot be decoded in a batch (only compact and full ones)")
+    n, room = keys.shape[2], max(room, 1)  # a ring of one at least: slots are taken modulo its size
+    return {"keys": keys, "values": values, "ring_start": n, "ring_size": room, "ring_fill": 0, "end": n + room,
+            "selected": None, "length": length}

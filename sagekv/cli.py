@@ -311,10 +311,13 @@ DEFAULT_POLICIES = f"full,sagekv,{DEFAULT_POLICY},streaming,snapkv,quest"
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help=DTYPE_HELP)
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Processes side by side, each with its own copy of the model (a small model's decode is bound by Python).")
+@click.option("--batch", type=int, default=1, show_default=True,
+              help="Samples whose answers under a policy are decoded together, one model call per step for all (the same "
+              "answers; their full prefilled caches are held at once; decode rates become shares of the batch's time).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @sampling_options("--sampling-seed", 0, "Sampling seed (--seed is the evaluation seed), restarted for every answer.")
 def eval_command(backend, model_path, task_list, lengths, policies, methods, budgets, haystack, samples, seed, out, device, dtype,
-                 workers, quiet, sampler):
+                 workers, batch, quiet, sampler):
     """Accuracy against KV budget for several policies, tasks and lengths; and RAG methods over stored documents."""
     from .evaluate import (POLICY_PLOT, RAG_PLOT, cells, check_tasks, evaluate, evaluate_in_workers, parse_list, rag_cells,
                            read_predictions, split_cells)
@@ -324,6 +327,8 @@ def eval_command(backend, model_path, task_list, lengths, policies, methods, bud
         raise SageKVError(f"--samples must be >= 1, got {samples}")
     if workers < 1:
         raise SageKVError(f"--workers must be >= 1, got {workers}")
+    if batch < 1:
+        raise SageKVError(f"--batch must be >= 1, got {batch}")
     devices = parse_list(device, str, "device") if device else [None]
     if len(devices) > 1 and workers == 1:
         raise SageKVError("several devices need --workers")
@@ -347,9 +352,11 @@ def eval_command(backend, model_path, task_list, lengths, policies, methods, bud
     before = len(read_predictions(predictions))
     if workers > 1:
         metrics = evaluate_in_workers(model, dict(model=model_path, backend=backend, dtype=dtype), devices, workers, *grid,
-                                      out=out, progress=not quiet, methods=method_names, haystack=haystack, sampler=sampler)
+                                      out=out, progress=not quiet, methods=method_names, haystack=haystack, sampler=sampler,
+                                      batch=batch)
     else:
-        metrics = evaluate(model, *grid, out, progress=not quiet, methods=method_names, haystack=haystack, sampler=sampler)
+        metrics = evaluate(model, *grid, out, progress=not quiet, methods=method_names, haystack=haystack, sampler=sampler,
+                           batch=batch)
     plots = [name for name, cells_of_kind in zip((POLICY_PLOT, RAG_PLOT), split_cells(metrics)) if cells_of_kind]
     new = len(read_predictions(predictions)) - before
     click.echo(f"{new} new records; {len(metrics)} cells in {out}/ (metrics.json, predictions.jsonl, summary.md, {', '.join(plots)})")

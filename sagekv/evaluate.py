@@ -135,15 +135,19 @@ def rag_cells(methods: list) -> list:
 
 def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: list, samples: int, seed: int, out: str,
              progress: bool = True, methods: list = (), haystack: str = tasks.DEFAULT_HAYSTACK, shard: tuple = (0, 1),
-             report: bool = True, sampler=None) -> list:
+             report: bool = True, sampler=None, batch: int = 1) -> list:
     """Run the grid, append to ``out/predictions.jsonl``, write the summaries; returns metrics.
 
     ``methods``: RAG methods (:data:`sagekv.rag.METHODS`) run on every sample too; every task must
     have documents. ``haystack``: the synthetic tasks' filler (:data:`sagekv.tasks.HAYSTACKS`).
     ``shard`` (k, n): only every n-th sample from the k-th (:func:`evaluate_in_workers`); ``report``:
     write summary.md, metrics.json and the plots. ``sampler``: a :class:`sagekv.Sampler` for every answer
-    (default greedy; its seed restarts for each), recorded in run.json."""
+    (default greedy; its seed restarts for each), recorded in run.json. ``batch``: samples whose answers
+    under one policy are decoded together (:meth:`sagekv.SageModel.decode_batch`; the same answers, their
+    full prefilled caches held at once); their decode rates are then shares of the batch's time."""
     sampler = check_sampler(sampler)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise SageKVError(f"batch must be a positive integer, got {batch!r}")
     grid = cells(policies, budgets) + rag_cells(methods)
     if not grid:
         raise SageKVError("nothing to evaluate: no policies and no RAG methods")
@@ -169,11 +173,12 @@ def evaluate(model, task_specs: list, lengths: list, policies: list, budgets: li
     window = max((cell.policy.observed_queries for cell in grid if isinstance(cell, PolicyCell)), default=1)
     bar = progress_bar(sum(len(pending) for _, pending in todo), progress)
     with append_to(path) as f:
-        for case, pending in todo:
-            answers = itertools.chain(
-                policy_answers(model, case, [cell for cell in pending if isinstance(cell, PolicyCell)], window, sampler),
-                rag_answers(model, case, [cell for cell in pending if isinstance(cell, RagCell)], sampler))
-            for cell, result, measured in answers:
+        for first in range(0, len(todo), batch):
+            group = todo[first : first + batch]
+            of_kind = lambda kind: [(case, [c for c in pending if isinstance(c, kind)]) for case, pending in group]  # noqa: E731
+            answers = itertools.chain(policy_answers(model, of_kind(PolicyCell), window, sampler),
+                                      *(rag_answers(model, case, cells, sampler) for case, cells in of_kind(RagCell)))
+            for case, cell, result, measured in answers:
                 record = {**key_of(case, cell), "prediction": result.text, "answer": case.answer,
                           "score": case.score(result.text), **measured}
                 f.write(json.dumps(record) + "\n")
@@ -269,24 +274,31 @@ def merge_workers(out: str) -> None:
     shutil.rmtree(root)
 
 
-def policy_answers(model, case: Case, pending: list, window: int, sampler):
-    """(cell, result, measurements) for each policy cell, all decoded from one prefill of the prompt."""
-    if not pending:
-        return
-    prefilled = model.prefill(model.encode(case.prompt), window)
-    for cell in pending:
-        result = model.decode(prefilled, cell.policy, case.max_tokens, on_token=stop_when_decided(model, case), sampler=sampler)
-        yield cell, result, {"prompt_tokens": result.prompt_tokens, **{field: getattr(result.stats, field) for field in STAT_FIELDS}}
+def policy_answers(model, todo: list, window: int, sampler):
+    """(case, cell, result, measurements) for each pending policy cell of each case of ``todo`` ([(case,
+    cells)]): every case's prompt prefilled once, for all its cells; under each cell, the cases pending it
+    decoded together (Quest's, which cannot be batched, one at a time)."""
+    todo = [(case, pending) for case, pending in todo if pending]
+    prefilled = [model.prefill(model.encode(case.prompt), window) for case, _ in todo]
+    for cell in dict.fromkeys(cell for _, pending in todo for cell in pending):  # in the grid's order
+        chosen = [(case, prompt) for (case, pending), prompt in zip(todo, prefilled) if cell in pending]
+        for group in [chosen] if cell.policy.batches else [[one] for one in chosen]:
+            cases = [case for case, _ in group]
+            results = model.decode_batch([prompt for _, prompt in group], cell.policy, max(case.max_tokens for case in cases),
+                                         on_token=stop_when_answered(model, cases), sampler=sampler)
+            for case, result in zip(cases, results):
+                yield case, cell, result, {"prompt_tokens": result.prompt_tokens,
+                                           **{field: getattr(result.stats, field) for field in STAT_FIELDS}}
 
 
 def rag_answers(model, case: Case, pending: list, sampler):
-    """(cell, result, measurements) for each RAG cell; the sample's documents are prefilled once, for all of them."""
+    """(case, cell, result, measurements) for each RAG cell; the sample's documents are prefilled once, for all of them."""
     store = MemoryStore(model.store_id)
     for cell in pending:
         result = model.rag(case.documents, case.question, cell.method, store, case.max_tokens,
                            on_token=stop_when_decided(model, case), sampler=sampler)
         stats = result.rag
-        yield cell, result, {"kept_tokens": stats.kept_tokens, "total_tokens": stats.total_tokens,
+        yield case, cell, result, {"kept_tokens": stats.kept_tokens, "total_tokens": stats.total_tokens,
                              "kept_fraction": stats.kept_tokens / stats.total_tokens, "ttft_s": stats.ttft_s,
                              "store_s": stats.store_s, "kv_bytes": stats.kv_bytes,
                              "decode_tokens_per_s": result.stats.decode_tokens_per_s}
@@ -294,6 +306,13 @@ def rag_answers(model, case: Case, pending: list, sampler):
 
 def stop_when_decided(model, case: Case):
     return None if case.decided is None else (lambda ids: case.decided(model.decode_text(ids)))
+
+
+def stop_when_answered(model, cases: list):
+    """``on_token`` of :meth:`sagekv.SageModel.decode_batch` over ``cases``: each stops at its own max_tokens
+    (the batch runs to the largest) or once its score is decided, as it would alone."""
+    decided = [stop_when_decided(model, case) for case in cases]
+    return lambda index, ids: len(ids) >= cases[index].max_tokens or (decided[index] is not None and decided[index](ids))
 
 
 def check_tasks(task_specs: list, lengths: list) -> None:

@@ -253,28 +253,55 @@ class SageModel:
         with the tokens generated so far after each new one (streaming); returning True stops.
         ``sampler``: a :class:`sagekv.Sampler` (temperature, top-p, top-k, seed); default greedy.
         """
-        policy = Full() if policy is None else policy
-        check_policy(policy)
-        sampler = check_sampler(sampler)
-        if not isinstance(prompt, str):
-            raise SageKVError(f"prompt must be a str, got {type(prompt).__name__}")
-        if not prompt.strip():
-            raise SageKVError("the prompt is empty")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-            raise SageKVError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
-        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1):
-            raise SageKVError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+        policy, sampler = check_generation(policy, max_tokens, prefill_chunk, sampler)
+        check_prompt(prompt, "prompt", "the prompt")
         return self.generate_ids(self.encode(prompt, chat), policy, max_tokens, prefill_chunk, on_token, sampler)
 
     def generate_ids(self, ids: list, policy, max_tokens: int, prefill_chunk: Optional[int] = None, on_token=None,
                      sampler=None) -> Result:
         self.check_length(len(ids) + max_tokens)
-        if policy.evicts:
-            prefilled = self.prefill_layerwise(ids, policy, prefill_chunk)
-        else:
-            prefilled = self.prefill(ids, policy.observed_queries, prefill_chunk or PREFILL_CHUNK)
+        prefilled = self.prefill_for(ids, policy, prefill_chunk)
         return self.decode(prefilled, None if policy.evicts else policy, max_tokens, keep_prefill=False,
                            on_token=on_token, sampler=sampler)
+
+    def generate_batch(self, prompts: list, policy=None, max_tokens: int = 64, prefill_chunk: Optional[int] = None,
+                       chat: bool = False, on_token=None, sampler=None) -> list:
+        """:meth:`generate` of each prompt of the list ``prompts``, decoded together: a Result per prompt,
+        the tokens each would get alone (up to floating-point ties).
+
+        Each prompt is prefilled and selected alone, as :meth:`generate` does; then the caches are stacked
+        into one per layer (:class:`sagekv.cache.BatchKV`) and every step runs the model once for the whole
+        batch, each sequence at its own positions. A sequence that ends (end-of-sequence, ``max_tokens``, a
+        stop) keeps running until all have ended, its further tokens discarded. Compact caches of unequal
+        size (a prompt within the budget keeps everything) and full caches of unequal length are padded,
+        the padding masked out of attention; a full cache is padded to the longest prompt plus
+        ``max_tokens``, so full attention over prompts of very different lengths wastes memory. Quest's
+        cache, which chooses pages per step, is refused.
+
+        ``on_token``: called with the prompt's index and the tokens it has generated so far after each new
+        one; returning True stops that prompt. ``sampler``: as in :meth:`generate`; each prompt draws from its
+        own generator seeded with the sampler's seed (a fresh one for each prompt where it has none), so a
+        seeded batch samples what each prompt would alone. The other arguments are as in :meth:`generate`.
+        Each Result's decode time is the batch's: the batch's throughput is the sum of their rates.
+        """
+        policy, sampler = check_generation(policy, max_tokens, prefill_chunk, sampler)
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise SageKVError(f"prompts must be a non-empty list of str, got {prompts!r:.60}")
+        for index, prompt in enumerate(prompts):
+            check_prompt(prompt, f"prompts[{index}]", f"prompts[{index}]")
+        check_batched(policy)
+        ids = [self.encode(prompt, chat) for prompt in prompts]
+        for one in ids:
+            self.check_length(len(one) + max_tokens)  # every prompt before any prefill
+        prefilled = [self.prefill_for(one, policy, prefill_chunk) for one in ids]
+        return self.decode_batch(prefilled, None if policy.evicts else policy, max_tokens, keep_prefill=False,
+                                 on_token=on_token, sampler=sampler)
+
+    def prefill_for(self, ids: list, policy, prefill_chunk: Optional[int]) -> "Prefilled":
+        """The prefill generation runs under ``policy``: layer-wise when it evicts, else full."""
+        if policy.evicts:
+            return self.prefill_layerwise(ids, policy, prefill_chunk)
+        return self.prefill(ids, policy.observed_queries, prefill_chunk or PREFILL_CHUNK)
 
     def prefill_layerwise(self, ids: list, policy, prefill_chunk: Optional[int] = None) -> "Prefilled":
         """Layer-wise prefill (:func:`sagekv.layerwise.prefill`): each layer's cache is already ``policy``'s,
@@ -357,43 +384,111 @@ class SageModel:
         ``keep_prefill``: work on a copy so ``prefilled`` can serve other policies; otherwise its
         cache is consumed and the evicted entries are freed before decoding.
         """
+        stop = None if on_token is None else (lambda index, tokens: on_token(tokens))
+        return self.decode_batch([prefilled], policy, max_tokens, keep_prefill, stop, sampler)[0]
+
+    def decode_batch(self, prefilled: list, policy, max_tokens: int, keep_prefill: bool = True, on_token=None,
+                     sampler=None) -> list:
+        """:meth:`decode` of each of ``prefilled`` (a list), decoded together as in :meth:`generate_batch`
+        (one alone decodes on its own cache); ``on_token`` takes the index and the tokens, as there."""
         run = self.runner
         sampler = check_sampler(sampler)
-        if prefilled.selected_by is None:
-            selected = self.select(prefilled, policy, keep_prefill)
-        elif policy is not None:
-            raise SageKVError(f"this cache was selected by {prefilled.selected_by} already: decode it with policy None")
+        if policy is not None and len(prefilled) > 1:
+            check_batched(policy)
+        selected = []
+        for one in prefilled:
+            if one.selected_by is None:
+                selected.append(self.select(one, policy, keep_prefill))
+            elif policy is not None:
+                raise SageKVError(f"this cache was selected by {one.selected_by} already: decode it with policy None")
+            else:
+                selected.append(replace(one, cache=self.take_cache(one, keep_prefill)))
+        kept_bytes = [run.kv_bytes(one.cache) for one in selected]
+        kept = [run.kept(one.cache) for one in selected]
+        draws = None if sampler.greedy else [run.new_draw(sampler.seeded()) for _ in selected]
+        caches = [one.cache for one in selected]
+        for one in selected:
+            one.cache = None  # decoding consumes the caches: stacked, each sequence's is let go of layer by layer
+        if len(caches) == 1:
+            cache, logits = caches[0], prefilled[0].logits
         else:
-            selected = replace(prefilled, cache=self.take_cache(prefilled, keep_prefill))
-        draw = None if sampler.greedy else run.new_draw(sampler.seeded())
-        cache = selected.cache
-        kept_bytes = run.kv_bytes(cache)
-        kept = run.kept(cache)
+            cache = self.stack(caches, max_tokens)
+            logits = run.ops.concat([one.logits[None] for one in prefilled], axis=0)
 
-        tokens = []
+        tokens, live = [[] for _ in selected], set(range(len(selected)))
         start = time.perf_counter()
-        pending = run.next_token(prefilled.logits, draw)  # the first token comes from the full-attention prefill
-        while len(tokens) < max_tokens:
-            # the next step is queued before this token is read, so the device computes while the host
-            # waits and checks (as mlx-lm's loop); a step after end-of-sequence or a stop is discarded
-            ahead = run.next_token(run.forward(pending, cache), draw) if len(tokens) + 1 < max_tokens else None
-            token = run.token_id(pending)
-            if token in run.eos_ids:
-                break
-            tokens.append(token)
-            if on_token is not None and on_token(tokens):
+        pending = run.next_tokens(logits, draws)  # the first tokens come from the full-attention prefill
+        for step in range(max_tokens):
+            # the next step is queued before these tokens are read, so the device computes while the host
+            # waits and checks (as mlx-lm's loop); a step after every sequence has ended is discarded
+            ahead = run.next_tokens(run.forward(pending, cache), draws) if step + 1 < max_tokens else None
+            for index, token in enumerate(run.token_ids(pending)):
+                if index not in live:
+                    continue  # an ended sequence runs on with the others; its tokens are dropped
+                if token in run.eos_ids:
+                    live.discard(index)
+                    continue
+                tokens[index].append(token)
+                if on_token is not None and on_token(index, tokens[index]):
+                    live.discard(index)
+            if not live:
                 break
             pending = ahead
         decode_s = time.perf_counter() - start
-        steps = max(len(tokens) - 1, 0)
-        stats = Stats(prefilled.full_kv_bytes, kept_bytes, prefilled.seconds, selected.select_s, decode_s,
-                      steps / decode_s if steps else 0.0)
-        return Result(self.decode_text(tokens), tokens, prefilled.prompt_tokens, stats, kept if any(k is not None for k in kept) else None)
+        results = []
+        for one, chosen, own, held, positions in zip(prefilled, selected, tokens, kept_bytes, kept):
+            steps = max(len(own) - 1, 0)
+            stats = Stats(one.full_kv_bytes, held, one.seconds, chosen.select_s, decode_s, steps / decode_s if steps else 0.0)
+            results.append(Result(self.decode_text(own), own, one.prompt_tokens, stats,
+                                  positions if any(k is not None for k in positions) else None))
+        return results
+
+    def stack(self, caches: list, room: int):
+        """One cache of ``caches`` (each one sequence's, fresh from selection), layer by layer stacked along the
+        batch axis (:class:`sagekv.cache.BatchKV`) with ``room`` for each sequence's decoded tokens; each
+        sequence's layer is let go of once stacked."""
+        from .cache import BatchKV
+
+        run = self.runner
+        layers = [run.unwrap(cache) for cache in caches]
+        caches.clear()
+        stacked = []
+        for index in range(run.num_layers):
+            stacked.append(BatchKV(run.ops, [sequence[index] for sequence in layers], room))
+            run.evaluate(stacked[-1].arrays)  # MLX: computed while the sequences' layers are still held
+            for sequence in layers:
+                sequence[index] = None
+        return run.wrap(stacked)
 
 
 def check_policy(policy) -> None:
     if not isinstance(policy, Policy):
         raise SageKVError(f"policy must be a sagekv policy such as sagekv.SageKV(budget), got {policy!r}")
+
+
+def check_batched(policy) -> None:
+    if not policy.batches:
+        raise SageKVError(f"{policy.name} cannot decode a batch (its decode cache is not a fixed set of entries)")
+
+
+def check_generation(policy, max_tokens, prefill_chunk, sampler) -> tuple:
+    """(policy, sampler) of a generation call, checked, with their defaults (full attention, greedy)."""
+    policy = Full() if policy is None else policy
+    check_policy(policy)
+    sampler = check_sampler(sampler)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise SageKVError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+        raise SageKVError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+    return policy, sampler
+
+
+def check_prompt(prompt, name: str, called: str) -> None:
+    """A prompt must be text with something in it; ``name`` and ``called`` say which in messages."""
+    if not isinstance(prompt, str):
+        raise SageKVError(f"{name} must be a str, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise SageKVError(f"{called} is empty")
 
 
 def check_observed(prefilled: "Prefilled", policy) -> None:

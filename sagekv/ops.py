@@ -95,6 +95,12 @@ class Ops:
         buffer[(slice(None),) * axis + (index,)] = value
 
     @classmethod
+    def write_rows(cls, buffer, index, value):
+        """Write ``value`` [B, H, 1, D] into ``buffer`` [B, H, T, D] in place, row b at position ``index[b]``
+        along T (an index array, so the step stays the same every time)."""
+        buffer[cls.arange(0, buffer.shape[0], like=index), :, index] = value[:, :, 0]
+
+    @classmethod
     def copy(cls, x):
         """A new array of ``x``'s values that shares nothing with it."""
         return cls.xp.array(x)

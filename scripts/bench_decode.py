@@ -8,10 +8,14 @@ STEADY_FROM-th token read to the last: the first steps warm up and capture), the
 (weight bytes read per step + kept KV bytes) with the bandwidth measured in this run, x floor = floor / measured (1.0 is perfect), and the framework's own greedy decode
 (transformers with a DynamicCache under SDPA, or mlx-lm's generate_step) at the prompt length N and at
 the kept length: what one would otherwise run. On torch with CUDA each evicting policy but Quest decodes
-twice, with its step eager and captured as a CUDA graph (column "step").
+twice, with its step eager and captured as a CUDA graph (column "step"). ``--batch B`` decodes B copies of
+each prompt together (SageModel.decode_batch; full attention too, so B full caches must fit): decode tok/s
+and the floor count the batch's tokens (B per step, the floor's KV bytes B times), while the framework's
+columns stay one sequence's.
 
     python scripts/bench_decode.py --shape llama3-8b --device cuda --dtype bfloat16 --lengths 32768,131072
     python scripts/bench_decode.py --backend mlx --model --lengths 8192 --budgets 256,1024
+    python scripts/bench_decode.py --shape llama3-8b --device cuda --dtype bfloat16 --lengths 32768 --budgets 2048 --batch 8
 """
 
 import argparse
@@ -151,11 +155,13 @@ class MlxBench:
         return None
 
 
-def steady_decode(model, prefilled, policy, tokens: int):
-    """Decode ``tokens`` tokens: (stats, tokens/s between the STEADY_FROM-th token read and the last)."""
+def steady_decode(model, prefilled, policy, tokens: int, batch: int = 1):
+    """Decode ``tokens`` tokens for each of ``batch`` copies of the prompt: (the first one's stats, tokens/s over
+    the batch between the STEADY_FROM-th step's tokens read and the last's)."""
     read = []
-    stats = model.decode(prefilled, policy, tokens, on_token=lambda t: read.append(time.perf_counter())).stats
-    return stats, (len(read) - 1 - STEADY_FROM) / (read[-1] - read[STEADY_FROM])
+    on_token = lambda index, _: read.append(time.perf_counter()) if index == 0 else None  # noqa: E731  once per step
+    results = model.decode_batch([prefilled] * batch, policy, tokens, on_token=on_token)
+    return results[0].stats, batch * (len(read) - 1 - STEADY_FROM) / (read[-1] - read[STEADY_FROM])
 
 
 def timed(f, *args) -> float:
@@ -189,12 +195,15 @@ def main():
     parser.add_argument("--policies", default="sagekv_kv_follow,sagekv,streaming", help="besides full attention")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1, help="copies of each prompt decoded together")
     parser.add_argument("--copy-mib", type=int, default=None, help="copy bandwidth buffer (default 2048 on CUDA, 256)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     parser.add_argument("--json", default=None, help="rows as JSON (default: --out with .json)")
     args = parser.parse_args()
     if args.decode_tokens < STEADY_FROM + 2:
         parser.error(f"--decode-tokens must be at least {STEADY_FROM + 2}")
+    if args.batch < 1:
+        parser.error("--batch must be at least 1")
 
     model = load(args)
     model.runner.eos_ids = set()  # a fixed decode length
@@ -208,7 +217,8 @@ def main():
         f"{model.name if args.model is not None else args.shape} ({config['num_hidden_layers']} layers, {config['num_attention_heads']} query / "
         f"{config['num_key_value_heads']} KV heads, {bench.weight_bytes / 2**30:.3g} GiB of weights read per step), "
         f"{model.dtype} on {bench.device}; {bench.versions}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (bytes read + "
-        f"written by a {copy_mib} MiB copy); {args.decode_tokens} decoded tokens, median of {args.repeats}",
+        f"written by a {copy_mib} MiB copy); {args.decode_tokens} decoded tokens, median of {args.repeats}"
+        + (f"; batches of {args.batch} sequences (decode tok/s and floor over the batch)" if args.batch > 1 else ""),
         f"| N | policy | budget | step | kept positions | KV kept MiB | select ms | decode tok/s | floor tok/s | x floor | "
         f"{reference} tok/s at N | at kept | x {reference} at N | x at kept |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -227,7 +237,7 @@ def main():
             for step in ["eager", "graph"] if graphs is not None and name not in GROWING else ["eager"]:
                 if graphs is not None:
                     model.runner.graphs = graphs if step == "graph" else None
-                runs = [steady_decode(model, prefilled, policy, args.decode_tokens) for _ in range(args.repeats + 1)][1:]
+                runs = [steady_decode(model, prefilled, policy, args.decode_tokens, args.batch) for _ in range(args.repeats + 1)][1:]
                 measured.append((name, budget, step, runs, bench.peak_bytes()))
         if graphs is not None:
             model.runner.graphs = graphs
@@ -241,11 +251,11 @@ def main():
             if kept not in at_length:
                 at_length[kept] = bench.reference(ids[:kept], args.decode_tokens, args.repeats)
             tok_s = statistics.median(steady for _, steady in runs)
-            floor = bandwidth / (bench.weight_bytes + kept_bytes)
-            row = {"n": n, "policy": name, "budget": budget, "step": step, "kept_positions": kept,
+            floor = args.batch * bandwidth / (bench.weight_bytes + args.batch * kept_bytes)  # a step reads B caches
+            row = {"n": n, "policy": name, "budget": budget, "step": step, "batch": args.batch, "kept_positions": kept,
                    "kept_kv_bytes": kept_bytes, "full_kv_bytes": stats[0].full_kv_bytes,
                    "select_ms": statistics.median(s.select_s for s in stats) * 1e3, "decode_tok_s": tok_s,
-                   "decode_tok_s_whole": statistics.median(s.decode_tokens_per_s for s in stats),  # first steps included
+                   "decode_tok_s_whole": args.batch * statistics.median(s.decode_tokens_per_s for s in stats),  # first steps included
                    "floor_tok_s": floor, "x_floor": floor / tok_s,
                    "reference_tok_s_at_n": at_length[n], "reference_tok_s_at_kept": at_length[kept], "peak_bytes": peak}
             rows.append(row)

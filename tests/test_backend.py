@@ -29,7 +29,7 @@ def test_protocol_lists_what_generate_uses():
     assert set(ATTRIBUTES) == {"name", "tokenizer", "num_layers", "model_type", "eos_ids", "config", "dtype",
                                "ops", "kv_heads", "head_dim", "fused_causal"}
     assert set(METHODS) == {
-        "new_cache", "prefill", "forward", "new_draw", "next_token", "token_id", "logits_numpy", "compress", "clone_cache", "kv_bytes", "kept", "sync",
+        "new_cache", "prefill", "forward", "new_draw", "next_token", "next_tokens", "token_id", "token_ids", "logits_numpy", "compress", "clone_cache", "kv_bytes", "kept", "sync",
         "inference", "empty_kv", "wrap", "unwrap", "set_decoder", "embed", "layer", "head", "evaluate", "free_bytes",
     }
 

@@ -27,3 +27,15 @@ def test_table_and_json(backend, tmp_path):
         assert row["select_ms"] >= 0 and row["n"] == 256
     full, evicted = report["rows"][0], report["rows"][1:]
     assert full["kept_positions"] == 256 and all(r["kept_positions"] < 64 for r in evicted)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("torch", marks=needs_torch), pytest.param("mlx", marks=needs_mlx)])
+def test_batch_rows(backend, tmp_path):
+    done = run_script("bench_decode.py", "--backend", backend, "--device", "cpu", "--shape", "small", "--lengths", "256",
+                      "--budgets", "32", "--policies", "sagekv", "--decode-tokens", "6", "--repeats", "1", "--batch", "3",
+                      "--json", str(tmp_path / "decode.json"))
+    assert done.returncode == 0, done.stderr
+    assert "batches of 3 sequences" in done.stdout
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert [(r["policy"], r["batch"]) for r in rows] == [("full", 3), ("sagekv", 3)]
+    assert all(r[key] > 0 for r in rows for key in POSITIVE)

@@ -429,9 +429,33 @@ def test_eval_in_workers_gives_one_process_records(tiny_checkpoints, tmp_path):
     assert sorted(os.listdir(tmp_path / "split")) == sorted(os.listdir(tmp_path / "one"))  # the workers' folders merged
 
 
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_eval_in_batches_gives_one_at_a_time_records(tiny_models, tmp_path, backend):
+    """--batch 3 over 4 samples of two tasks (batches of 3 and 1 per length) decodes the answers one at a time
+    would, Quest's (not batched) and the RAG methods' too; a re-run with a record lost redoes only that one."""
+    from sagekv.evaluate import evaluate, read_predictions
+
+    model = tiny_models("llama", backend)
+    grid = (["single_needle", "multi_doc_qa"], [512], ["full", "sagekv", "sagekv_kv_follow", "snapkv", "quest"], [64], 4, 0)
+    timed = ("prefill_s", "select_s", "decode_s", "decode_tokens_per_s", "ttft_s", "store_s")
+    untimed = lambda out: sorted(json.dumps({k: v for k, v in r.items() if k not in timed}, sort_keys=True)  # noqa: E731
+                                 for r in read_predictions(str(tmp_path / out / "predictions.jsonl")))
+    one = evaluate(model, *grid, str(tmp_path / "one"), progress=False, methods=["reuse"])
+    three = evaluate(model, *grid, str(tmp_path / "three"), progress=False, methods=["reuse"], batch=3)
+    assert untimed("three") == untimed("one") and len(untimed("one")) == 2 * 4 * 6
+    assert [{k: m[k] for k in m if k not in timed} for m in three] == [{k: m[k] for k in m if k not in timed} for m in one]
+    path = tmp_path / "three" / "predictions.jsonl"
+    path.write_text("".join(open(path).readlines()[1:]))
+    evaluate(model, *grid, str(tmp_path / "three"), progress=False, methods=["reuse"], batch=3)
+    assert untimed("three") == untimed("one")
+    with pytest.raises(SageKVError, match="batch must be a positive integer"):
+        evaluate(model, *grid, str(tmp_path / "three"), progress=False, batch=0)
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
+        (["--batch", "0"], "--batch must be >= 1"),
         (["--tasks", "nope"], "unknown task 'nope'"),
         (["--tasks", "multi_doc_qa", "--methods", "reuse,nope"], "unknown method 'nope'"),
         (["--policies", ""], "nothing to evaluate"),

@@ -185,3 +185,36 @@ def test_torch_cuda_graph_decode_gives_eager_tokens(checkpoints, dtype):
     assert streamed[CudaGraphs] == streamed[None]
     tokens, seen = streamed[None]
     assert seen == [tokens[: i + 1] for i in range(len(tokens))] and len(tokens) >= 8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["full", "sagekv", "sagekv_kv_follow"])
+def test_torch_cuda_batch_replays_and_matches_each_prompt_alone(checkpoints, name):
+    """A batch (a short prompt that keeps everything, padded, beside longer ones) on captured steps: eager's
+    tokens, which are each prompt's alone on the CPU; a replayed batch step never waits for the device."""
+    torch = torch_cuda()
+    from sagekv.backends.torch import CudaGraphs
+
+    prompts = ["Door seven: 4821.", PROMPT, PROMPT[7:] * 2]
+    policy = sagekv.make_policy(name, 32)
+    model = sagekv.load(checkpoints["llama"], backend="torch", device="cuda", dtype="float32")
+    run = model.runner
+    cpu = sagekv.load(checkpoints["llama"], backend="torch", device="cpu", dtype="float32")
+    alone = [cpu.generate(prompt, policy, 40).tokens for prompt in prompts]
+    batches = {}
+    for graphs in (None, CudaGraphs):
+        run.graphs = graphs
+        batches[graphs] = [r.tokens for r in model.generate_batch(prompts, policy, 40)]
+    assert batches[CudaGraphs] == batches[None] == alone
+    prefilled = [model.select(model.prefill(model.encode(p)), policy, keep_prefill=False) for p in prompts]
+    cache = model.stack([p.cache for p in prefilled], 40)
+    token = run.next_tokens(torch.stack([p.logits for p in prefilled]))
+    for index in range(12):
+        if index >= 2:  # replays: the warm-up and the capture wait for the device by design
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            token = run.next_tokens(run.forward(token, cache))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert cache.graph.replay is not None
+

@@ -113,3 +113,28 @@ def test_caches_that_grow_decode_eagerly(tiny_models, policy):
         assert torch.equal(step(run, Traced, token, captured), expected)
         token = run.next_token(expected)
     assert captured.graph is None
+
+
+@pytest.mark.parametrize("name", ["sagekv", "sagekv_kv_follow", "full"])
+def test_replayed_batch_steps_match_eager_step_by_step(tiny_models, name):
+    """A batch's cache (cache.BatchKV) is static, full attention's too: a short prompt that keeps everything
+    (its rows padded and masked) beside a long one, past two turns of the ring."""
+    model = tiny_models("llama", "torch")
+    run = model.runner
+    policy = make_policy(name, BUDGET)
+
+    def batch():
+        prefilled = [model.prefill(model.encode(prompt), policy.observed_queries) for prompt in ("Door seven.", PROMPT)]
+        return model.stack([model.select(p, policy, keep_prefill=False).cache for p in prefilled], 40), prefilled
+
+    (eager, prefilled), (captured, _) = batch(), batch()
+    assert captured.static
+    token = run.next_tokens(torch.stack([p.logits for p in prefilled]))
+    for index in range(40):
+        expected = step(run, None, token, eager)
+        got = step(run, Traced, token, captured)
+        assert expected.shape[0] == 2 and torch.equal(got, expected), index
+        assert_same_state(state(captured), state(eager))
+        token = run.next_tokens(expected)
+    assert captured.graph.replay is not None and eager.graph is None
+    assert torch.equal(step(run, None, token, captured), step(run, None, token, eager))

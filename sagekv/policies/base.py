@@ -82,6 +82,8 @@ class Policy:
     observed_queries: ClassVar[int] = 1
     evicts: ClassVar[bool] = True
     """Whether decoding drops prompt entries (then generation prefills layer-wise, freeing them as it goes)."""
+    batches: ClassVar[bool] = True
+    """Whether its decode caches stack into a batch (:class:`sagekv.cache.BatchKV`): a fixed set of entries."""
 
     def layout(self, n: int, q_heads: int, kv_heads: int) -> Layout:
         raise NotImplementedError

@@ -26,6 +26,7 @@ class Quest(Policy):
     name = "quest"
     # every entry stays: a layer-wise prefill would save no memory, and run each layer over the whole prompt's activations
     evicts = False
+    batches = False  # its pages are chosen per step and its cache grows (sagekv.cache.QuestKV)
 
     def __post_init__(self):
         check_int("budget", self.budget, 1)
