@@ -366,11 +366,21 @@ class Runner:
 
     name = "torch"
 
-    def __init__(self, path: str, config: dict, device=None, dtype=None, random_weights: bool = False):
+    def __init__(self, path: str, config: dict, device=None, dtype=None, random_weights: bool = False,
+                 tensor_parallel: bool = False):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if random_weights:  # the checkpoint's shape, initialised on the device (benchmarks: no weights file)
+        if tensor_parallel:
+            # transformers shards every attention layer by heads across the torchrun processes, one per
+            # GPU (gloo on the CPU): each process's attention sees its own heads, so each selects its
+            # own KV heads' entries and decodes them, with the model's own all-reduces only
+            if "WORLD_SIZE" not in os.environ or random_weights:
+                raise SageKVError("tensor_parallel loads a checkpoint in each of the processes torchrun starts")
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES[dtype] if dtype else "auto", attn_implementation=ATTENTION, tp_plan="auto")
+            self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        elif random_weights:  # the checkpoint's shape, initialised on the device (benchmarks: no weights file)
             with self.device:
                 self.model = AutoModelForCausalLM.from_config(
                     AutoConfig.from_pretrained(path), dtype=DTYPES[dtype or "float32"], attn_implementation=ATTENTION)
@@ -391,12 +401,14 @@ class Runner:
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         config = self.model.config
         self.max_positions = getattr(config, "max_position_embeddings", None)
-        self.kv_heads = config.num_key_value_heads
+        self.kv_heads = config.num_key_value_heads // (int(os.environ["WORLD_SIZE"]) if tensor_parallel else 1)
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         # decode steps on a static cache replay a CUDA graph (SAGEKV_NO_GRAPH=1: eager, as on the CPU); RoPE
-        # whose frequencies depend on the length reads it on the host every step, which a graph cannot
+        # whose frequencies depend on the length reads it on the host every step, which a graph cannot; a
+        # sharded step stays eager (its collectives are not captured)
         rope = getattr(self.model.model.rotary_emb, "rope_type", "default")
-        captures = self.device.type == "cuda" and rope not in ("dynamic", "longrope") and os.environ.get("SAGEKV_NO_GRAPH") != "1"
+        captures = self.device.type == "cuda" and rope not in ("dynamic", "longrope") and not tensor_parallel and \
+            os.environ.get("SAGEKV_NO_GRAPH") != "1"
         self.graphs = CudaGraphs if captures else None
 
     def new_cache(self, observed_queries: int = 1):

@@ -112,7 +112,7 @@ def legacy_rope_fields(config: dict) -> dict:
 
 
 def load(model: Optional[str] = None, backend: Optional[str] = None, device=None, dtype=None,
-         random_weights: bool = False) -> "SageModel":
+         random_weights: bool = False, tensor_parallel: bool = False) -> "SageModel":
     """Load a local checkpoint directory, a GGUF file, a named model of :data:`sagekv.gguf.MODELS`
     (``"smollm2-135m-instruct"``) or a Hugging Face id with the backend's own loader.
 
@@ -121,6 +121,9 @@ def load(model: Optional[str] = None, backend: Optional[str] = None, device=None
     float32, float16, bfloat16, or None for the checkpoint's own (float32 for a GGUF file, which is
     converted once into a folder of that dtype: see :mod:`sagekv.gguf`). ``random_weights`` (torch; for
     benchmarks): the directory's config and tokenizer with random weights built on the device.
+    ``tensor_parallel`` (torch, under ``torchrun``, one process per GPU): the checkpoint sharded by heads
+    with transformers' ``tp_plan="auto"``; each process selects on its own KV heads and every process
+    generates the same tokens.
     """
     from .backends import get_backend
     from .gguf import resolve as resolve_gguf
@@ -140,8 +143,11 @@ def load(model: Optional[str] = None, backend: Optional[str] = None, device=None
         raise SageKVError(f"model path not found: {model}")
     else:
         config = {}  # a hub id: the loader fetches it, the type is checked once loaded
+    if tensor_parallel and module.Runner.name != "torch":
+        raise SageKVError("tensor_parallel needs the torch backend (transformers' tp_plan)")
+    sharded = {"tensor_parallel": True} if tensor_parallel else {}
     try:
-        runner = module.Runner(model, config, device=device, dtype=dtype, random_weights=random_weights)
+        runner = module.Runner(model, config, device=device, dtype=dtype, random_weights=random_weights, **sharded)
     except SageKVError:
         raise
     except Exception as error:  # loaders raise many types; the user needs the first line

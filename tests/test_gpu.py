@@ -218,3 +218,20 @@ def test_torch_cuda_batch_replays_and_matches_each_prompt_alone(checkpoints, nam
             torch.cuda.set_sync_debug_mode("default")
     assert cache.graph.replay is not None
 
+
+
+@pytest.mark.gpu
+def test_two_gpus_sharded_by_heads_give_one_gpu_tokens(tmp_path):
+    import json
+
+    from conftest import run_script
+
+    if torch_cuda().cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    report = tmp_path / "tp.json"
+    done = run_script("bench_tp.py", "--gpus", "2", "--length", "2048", "--budget", "256", "--max-tokens", "24",
+                      "--json", str(report))
+    assert done.returncode == 0, done.stderr + done.stdout
+    one, sharded = json.loads(report.read_text())["runs"]
+    assert one["device"].startswith("cuda") and sharded["processes"] == 2
+    assert all(a["tokens"] == b["tokens"] for a, b in zip(one["rows"], sharded["rows"]))
