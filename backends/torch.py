@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 import torch
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -85,6 +86,8 @@ class TorchOps(Ops):
 
     @classmethod
     def attention(cls, q, k, v, scale, mask=None):
+        if isinstance(mask, str) and q.shape[2] != k.shape[2]:  # the last queries: causal aligned at the end
+            mask = causal_lower_right(q.shape[2], k.shape[2])
         causal = isinstance(mask, str)
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=None if causal else mask, is_causal=causal, scale=scale, enable_gqa=True)

@@ -461,8 +461,10 @@ class SegmentKV(DecodeCache):
         self.queries = queries[0]
         if len(rows) == 1 and rows[0] == size - 1:
             mask = None  # one row at the end sees everything
-        elif len(rows) == size:
-            mask = "causal"  # every row: the plain causal mask, which keeps attention on its fastest kernel
+        elif rows[0] == size - len(rows):
+            # the last rows (ascending, so all of them): the causal mask aligned at the end, which keeps
+            # attention on its fastest kernel with no [rows, size] mask, for every part of a prefill
+            mask = "causal"
         else:
             index = self.written_index  # built on the device: a [rows, size] mask is too large to send
             mask = self.ops.arange(0, size, like=index)[None, :] <= index[:, None]

@@ -94,10 +94,10 @@ def layer_rows(run, length: int) -> int:
     """Rows per call of a layer in a layer-wise prefill of ``length`` tokens, from the model's shape and
     the free memory: every row (one call, the causal kernel) when that call's activations fit in
     HEADROOM of the free memory beside the prompt's hidden states and one layer's keys and values;
-    else as many as fit with the explicit [rows, length] mask (and, to be safe, the attention
-    scores) that a part beyond the first needs. Where attention materialises its scores (MLX on the
-    CPU) at most UNFUSED_ROWS: one [heads, length, length] call is slower than parts of it, as mlx-lm's
-    own prefill steps are."""
+    else as many as fit beside, to be safe, the scores a part's attention would take if its kernel
+    materialised them (a part is the last rows so far: the causal mask aligned at the end, no mask
+    array). Where attention materialises its scores (MLX on the CPU) at most UNFUSED_ROWS: one
+    [heads, length, length] call is slower than parts of it, as mlx-lm's own prefill steps are."""
     config, item = run.config, ITEMSIZE[run.dtype]
     hidden, heads, inner = config["hidden_size"], config["num_attention_heads"], config["intermediate_size"]
     q_dim, kv_dim = heads * run.head_dim, run.kv_heads * run.head_dim
@@ -109,7 +109,7 @@ def layer_rows(run, length: int) -> int:
     cap = length if run.fused_causal else min(length, UNFUSED_ROWS)
     if cap == length and length * (per_row + scores) <= budget:
         return length
-    return max(min(int(budget // (per_row + length * (1 + 4 * heads))), cap), 1)
+    return max(min(int(budget // (per_row + 4 * heads * length)), cap), 1)
 
 
 def host_available_bytes() -> int:

@@ -130,12 +130,13 @@ class NumpyOps(Ops):
     @classmethod
     def attention(cls, q, k, v, scale, mask=None):
         """Grouped-query attention of q [1, Hq, L, D] over k, v [1, Hkv, T, D]; ``mask`` [L, T]
-        (True: attend), "causal" (L == T) or None for all of them."""
+        (True: attend), "causal" (query i of L sees keys up to T - L + i: the L queries are the last
+        of the T keys) or None for all of them."""
         b, hq, length, d = q.shape
         hkv = k.shape[1]
         logits = (q.reshape(b, hkv, hq // hkv, length, d) @ k[:, :, None].swapaxes(-1, -2)) * scale
         if isinstance(mask, str):
-            mask = np.tril(np.ones((length, k.shape[2]), bool))
+            mask = np.tril(np.ones((length, k.shape[2]), bool), k=k.shape[2] - length)
         if mask is not None:
             logits = np.where(mask, logits, -np.inf)
         out = cls.softmax(logits).astype(v.dtype) @ v[:, :, None]

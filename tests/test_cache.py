@@ -163,3 +163,21 @@ def test_ring_slot_and_positions_are_library_arrays(library, policy):
     assert {"step", "shared_positions"} <= set(state)
     assert all(type(array).__module__.split(".")[0] == library for array in state.values())
     assert int(to_numpy(cache.step)[0]) == 1 and cache.length == 81
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("rows,size", [(5, 5), (3, 9), (1, 4)])
+def test_causal_mask_is_aligned_at_the_end(library, rows, size):
+    """Ops.attention's "causal": the queries are the last rows of the keys, query i seeing keys up to
+    size - rows + i (a prefill part after the first), against one query head at a time in float64."""
+    rng = np.random.default_rng(size)
+    hq, hkv, d = 4, 2, 8
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((1, hq, rows, d), (1, hkv, size, d), (1, hkv, size, d)))
+    x = to_library(q, library)
+    got = to_numpy(ops_for(x).attention(x, to_library(k, library), to_library(v, library), d**-0.5, "causal"))
+    for head in range(hq):
+        for i in range(rows):
+            kept = np.arange(size - rows + i + 1)
+            expected = masked_attention(q[0, head, i].astype(np.float64), k[0, head // 2].astype(np.float64),
+                                        v[0, head // 2].astype(np.float64), kept, d**-0.5)
+            np.testing.assert_allclose(got[0, head, i], expected, rtol=1e-4, atol=1e-5)
