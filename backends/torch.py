@@ -87,7 +87,14 @@ class TorchOps(Ops):
     @classmethod
     def attention(cls, q, k, v, scale, mask=None):
         if isinstance(mask, str) and q.shape[2] != k.shape[2]:  # the last queries: causal aligned at the end
-            mask = causal_lower_right(q.shape[2], k.shape[2])
+            if q.is_cuda and q.shape[1] != k.shape[1]:
+                # CausalBias's flash path calls the kernel without enable_gqa; with grouped heads on CUDA that
+                # is not verified yet, so there the mask is built (on the device, as before)
+                length, size = q.shape[2], k.shape[2]
+                rows = torch.arange(size - length, size, device=q.device)
+                mask = torch.arange(size, device=q.device)[None, :] <= rows[:, None]
+            else:
+                mask = causal_lower_right(q.shape[2], k.shape[2])
         causal = isinstance(mask, str)
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=None if causal else mask, is_causal=causal, scale=scale, enable_gqa=True)
