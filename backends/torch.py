@@ -91,8 +91,7 @@ class TorchOps(Ops):
                 # CausalBias's flash path calls the kernel without enable_gqa; with grouped heads on CUDA that
                 # is not verified yet, so there the mask is built (on the device, as before)
                 length, size = q.shape[2], k.shape[2]
-                rows = torch.arange(size - length, size, device=q.device)
-                mask = torch.arange(size, device=q.device)[None, :] <= rows[:, None]
+                mask = torch.ones(length, size, dtype=torch.bool, device=q.device).tril(size - length)
             else:
                 mask = causal_lower_right(q.shape[2], k.shape[2])
         causal = isinstance(mask, str)

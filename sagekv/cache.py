@@ -35,6 +35,7 @@ class DecodeCache(ABC):
     """
 
     held: ClassVar[tuple]
+    buffers: ClassVar[tuple] = ()  # the held arrays counted as KV memory (:attr:`arrays`)
     ops: type  # the Ops of the arrays' library
     length: int  # tokens seen: the next token's position
     growth: ClassVar[int] = 256  # rows added per reallocation, for caches that grow
@@ -74,9 +75,9 @@ class DecodeCache(ABC):
         """:meth:`kept` from numpy copies of :attr:`position_arrays`."""
 
     @property
-    @abstractmethod
     def arrays(self) -> list:
-        """The buffers counted as KV memory."""
+        """The buffers counted as KV memory: those named in ``buffers`` that it holds."""
+        return [a for a in (getattr(self, name) for name in self.buffers) if a is not None]
 
     @property
     def nbytes(self) -> int:
@@ -156,6 +157,7 @@ class CompactKV(DecodeCache):
     """
 
     held = ("shared_k", "shared_v", "shared_positions", "step", "selected_k", "selected_v", "selected_positions")
+    buffers = ("shared_k", "shared_v", "selected_k", "selected_v")
     static = True
 
     def __init__(self, ops, layout, positions, keys, values):
@@ -254,11 +256,6 @@ class CompactKV(DecodeCache):
         return np.sort(np.concatenate([shared, positions[1].astype(np.int64)], axis=1), axis=1)
 
     @property
-    def arrays(self) -> list:
-        held = [self.shared_k, self.shared_v, self.selected_k, self.selected_v]
-        return [a for a in held if a is not None]
-
-    @property
     def meta(self) -> dict:
         return {**super().meta, **asdict(self.layout)}
 
@@ -297,6 +294,7 @@ class QuestKV(DecodeCache):
     """
 
     held = ("keys", "values", "page_min", "page_max")
+    buffers = held  # the page bounds are memory too
 
     def __init__(self, ops, policy, keys, values):
         self.ops, self.page, self.budget = ops, policy.page, policy.budget
@@ -360,10 +358,6 @@ class QuestKV(DecodeCache):
 
     def kept_from(self, positions: list):
         return None  # every position stays; pages are chosen per step
-
-    @property
-    def arrays(self) -> list:
-        return [self.keys, self.values, self.page_min, self.page_max]  # the page bounds are memory too
 
     @property
     def meta(self) -> dict:
@@ -525,6 +519,7 @@ class BatchKV(DecodeCache):
     """
 
     held = ("keys", "values", "ring_start", "ring_size", "ring_fill", "step", "selected_k", "selected_v", "selected_rows")
+    buffers = ("keys", "values", "selected_k", "selected_v")
     static = True
 
     def __init__(self, ops, layers: list, room: int):
@@ -597,11 +592,6 @@ class BatchKV(DecodeCache):
 
     def kept_from(self, positions: list):
         raise SageKVError("a batch keeps no positions: each sequence's are read before its cache is stacked")
-
-    @property
-    def arrays(self) -> list:
-        held = [self.keys, self.values, self.selected_k, self.selected_v]
-        return [a for a in held if a is not None]
 
     @property
     def meta(self) -> dict:

@@ -410,7 +410,8 @@ class SamKV(RagMethod):
         if not draft:
             return 0.0
         cache, _ = repair(model, pieces, list(question) + draft, kept, compute=np.arange(0))
-        segments = [run.unwrap(cache)[n] for n in layers]
+        layers_held = run.unwrap(cache)
+        segments = [layers_held[n] for n in layers]
         rows = len(question) + len(draft)
         queries = np.stack([to_float(run.ops, s.queries[:, len(question):]) for s in segments])  # [S, Hq, m, D]
         own = run.ops.xp.stack([s.keys[0, :, s.size - rows : s.size] for s in segments])  # [S, Hkv, q + m, D]

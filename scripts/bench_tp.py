@@ -69,13 +69,14 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    name = args.model or args.shape
     with tempfile.TemporaryDirectory() as folder:
         if args.model is None:
             args.model = make_tiny_checkpoint(os.path.join(folder, args.shape), "llama", dtype=args.dtype or "float32",
                                               **SHAPES[args.shape])
         runs = [launch(args, n, os.path.join(folder, f"run{n}.json")) for n in (1, args.gpus)]
     one, sharded = runs
-    print(f"{args.model if '--model' in sys.argv else args.shape}: prompt {args.length} tokens, budget {args.budget}, "
+    print(f"{name}: prompt {args.length} tokens, budget {args.budget}, "
           f"{args.max_tokens} tokens; 1 process ({one['device']}) against {args.gpus} (the first on {sharded['device']})")
     print(f"| policy | same tokens | decode tok/s, 1 process | decode tok/s, {args.gpus} processes | KV per process MiB |")
     print("|---|---|---|---|---|")
